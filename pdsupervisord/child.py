@@ -1,0 +1,184 @@
+"""One child process's life at the OS level: spawn, log files, kill, verify.
+
+Knows nothing about ZeroMQ, the proxy or restart policies.
+
+Design note on killing: a ``vllm serve`` API server spawns ``EngineCore`` and
+workers that hold device memory; when the API server dies they live on as
+orphans (facts §5/§8). So every child starts in a new session (its own process
+group), and every stop or death ends with the whole group being killed and
+checked empty. Descendants that moved to another group or session are found
+with psutil from a snapshot taken while the tree was alive, and killed too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import anyio
+import anyio.abc
+import psutil
+import structlog
+
+from pdsupervisord.states import ExitStatus
+
+__all__ = ["Child", "child_environment", "spawn"]
+
+log = structlog.get_logger("pdsupervisord.child")
+
+#: Variables the daemon must not hand down: a child that inherited
+#: NOTIFY_SOCKET could tell systemd it is ready or stopping on our behalf.
+_NOT_INHERITED = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS")
+
+
+def child_environment(extra: Mapping[str, str]) -> dict[str, str]:
+    """The daemon's environment minus systemd's variables, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in _NOT_INHERITED}
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Child:
+    """A spawned process that leads its own process group.
+
+    Attributes:
+        name: Instance name, for logs.
+        process: The anyio process handle.
+        started_at: Monotonic time of the spawn.
+        known: Descendants seen so far (pid -> create time), so that processes
+            which left the group can still be found and killed.
+    """
+
+    name: str
+    process: anyio.abc.Process
+    started_at: float
+    wall_started_at: float
+    known: dict[int, float] = field(default_factory=dict)
+    _files: list[IO[Any]] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        """The leader's pid, which is also the process group id."""
+        return self.process.pid
+
+    async def wait(self) -> ExitStatus:
+        """Block until the leader exits; return how it ended."""
+        returncode = await self.process.wait()
+        self._close_files()
+        return ExitStatus.from_returncode(returncode)
+
+    def snapshot_descendants(self) -> None:
+        """Remember the leader's current descendants (cheap; call periodically)."""
+        with contextlib.suppress(psutil.Error):
+            for proc in psutil.Process(self.pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    self.known[proc.pid] = proc.create_time()
+
+    def signal_group(self, signum: int) -> bool:
+        """Send ``signum`` to the whole group; False when the group is gone."""
+        try:
+            os.killpg(self.pid, signum)
+        except ProcessLookupError:
+            return False
+        return True
+
+    async def stop(self, grace: float) -> list[int]:
+        """SIGTERM the group, wait ``grace`` seconds, SIGKILL, verify.
+
+        Returns:
+            The pids that had to be killed after the leader exited (orphans).
+        """
+        self.snapshot_descendants()
+        if self.process.returncode is None:
+            self.signal_group(signal.SIGTERM)
+            with anyio.move_on_after(grace):
+                await self.process.wait()
+        return await self.reap_group()
+
+    async def reap_group(self, deadline: float = 5.0) -> list[int]:
+        """Kill whatever is left of the tree after the leader is gone or late.
+
+        Returns:
+            Pids of survivors that were killed (empty when the tree was clean).
+        """
+        survivors = self._survivors()
+        self.signal_group(signal.SIGKILL)
+        for pid in survivors:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        if self.process.returncode is None:
+            await self.process.wait()
+        await self._wait_group_empty(deadline)
+        self._close_files()
+        return sorted(p for p in survivors if p != self.pid)
+
+    def _survivors(self) -> list[int]:
+        """Live processes of the tree: the group plus remembered descendants."""
+        alive: set[int] = set()
+        for pid, created in self.known.items():
+            with contextlib.suppress(psutil.Error):
+                proc = psutil.Process(pid)
+                if proc.create_time() == created and proc.status() != "zombie":
+                    alive.add(pid)
+        for proc in psutil.process_iter(["pid"]):
+            with contextlib.suppress(psutil.Error, ProcessLookupError):
+                if os.getpgid(proc.pid) == self.pid and proc.status() != "zombie":
+                    alive.add(proc.pid)
+        return sorted(alive)
+
+    async def _wait_group_empty(self, deadline: float) -> None:
+        """Poll until no process is left in the group (reaping is init's job)."""
+        end = time.monotonic() + deadline
+        while time.monotonic() < end:
+            if not self._survivors():
+                return
+            await anyio.sleep(0.02)
+        log.warning("child.group_not_empty", instance=self.name, pgid=self.pid)
+
+    def _close_files(self) -> None:
+        for handle in self._files:
+            handle.close()
+        self._files.clear()
+
+
+async def spawn(
+    name: str, argv: tuple[str, ...], env: Mapping[str, str], log_dir: Path
+) -> Child:
+    """Start ``argv`` in a new session with stdout/stderr appended to files.
+
+    The files are ``<log_dir>/<name>.stdout.log`` and ``<name>.stderr.log``;
+    each start writes a header line to both so runs can be told apart.
+
+    Raises:
+        OSError: when the program cannot be executed (missing, not executable).
+    """
+    log_dir.mkdir(parents=True, exist_ok=True)
+    files = [
+        open(log_dir / f"{name}.{stream}.log", "ab", buffering=0)  # noqa: SIM115
+        for stream in ("stdout", "stderr")
+    ]
+    header = f"===== {time.strftime('%Y-%m-%dT%H:%M:%S%z')} start {name}\n".encode()
+    for handle in files:
+        handle.write(header)
+    try:
+        process = await anyio.open_process(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=files[0],
+            stderr=files[1],
+            env=child_environment(env),
+            start_new_session=True,
+        )
+    except BaseException:
+        for handle in files:
+            handle.close()
+        raise
+    return Child(name, process, time.monotonic(), time.time(), _files=files)

@@ -1,0 +1,740 @@
+"""Load a TOML topology file into a typed, validated :class:`Topology`.
+
+This is the only module that knows TOML key names. Every problem is collected
+with the file, line and dotted key it concerns, and all of them are raised at
+once in one :class:`~pdsupervisord.errors.ConfigError`; nothing downstream
+ever sees a half-valid topology.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pdsupervisord.errors import ConfigError, ConfigIssue
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+__all__ = [
+    "PLACEHOLDERS",
+    "DaemonConfig",
+    "EngineConfig",
+    "InstanceSlot",
+    "ProxyConfig",
+    "RestartConfig",
+    "RoleConfig",
+    "Topology",
+    "load",
+    "loads",
+]
+
+Role = Literal["prefill", "decode"]
+RestartPolicy = Literal["always", "on-failure", "never"]
+ProxyKind = Literal["builtin", "external", "none"]
+
+#: Placeholders allowed inside command and argument tokens, with their meaning.
+PLACEHOLDERS = {
+    "python": "the Python interpreter running the daemon",
+    "model": "model.path",
+    "served_name": "model.served_name",
+    "tp": "the role's tensor_parallel_size",
+    "dp": "the role's data_parallel_size",
+    "host": "the instance's (or proxy's) bind host",
+    "port": "the instance's (or proxy's) HTTP port",
+    "name": "the instance name, e.g. prefill-0",
+    "index": "the instance index within its role",
+    "prefiller_hosts": "(proxy only) one token per prefill host",
+    "prefiller_ports": "(proxy only) one token per prefill port",
+    "decoder_hosts": "(proxy only) one token per decode host",
+    "decoder_ports": "(proxy only) one token per decode port",
+}
+PLACEHOLDER_RE = re.compile(r"\{([a-z_]+)\}")
+
+#: Keys vLLM's KVTransferConfig accepts; anything else in [kv] is a typo.
+KV_KEYS = (
+    "kv_connector",
+    "engine_id",
+    "kv_buffer_device",
+    "kv_buffer_size",
+    "kv_role",
+    "kv_rank",
+    "kv_parallel_size",
+    "kv_ip",
+    "kv_port",
+    "kv_connector_extra_config",
+    "kv_connector_module_path",
+    "kv_load_failure_policy",
+)
+
+DEFAULT_PROXY_ARGS = (
+    "--host",
+    "{host}",
+    "--port",
+    "{port}",
+    "--prefiller-hosts",
+    "{prefiller_hosts}",
+    "--prefiller-ports",
+    "{prefiller_ports}",
+    "--decoder-hosts",
+    "{decoder_hosts}",
+    "--decoder-ports",
+    "{decoder_ports}",
+)
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """Where the daemon keeps its sockets, state and logs, and its timings."""
+
+    run_dir: Path
+    log_dir: Path
+    control: str
+    events: str
+    stop_timeout: float = 30.0
+    probe_period: float = 0.5
+    probe_timeout: float = 2.0
+    health_period: float = 5.0
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How an engine (``vllm serve``) is launched; shared by both roles."""
+
+    command: tuple[str, ...] = ("vllm", "serve")
+    host: str = "0.0.0.0"
+    args: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    devices_env: str = "ASCEND_RT_VISIBLE_DEVICES"
+
+
+@dataclass(frozen=True)
+class InstanceSlot:
+    """Where one instance of a role can run: address, devices and ports."""
+
+    host: str
+    port: int
+    devices: tuple[int, ...]
+    rpc_port: int | None = None
+    kv_port: int | str | None = None
+    engine_id: str | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    from_pool: bool = False
+
+
+@dataclass(frozen=True)
+class RoleConfig:
+    """One role (prefill or decode): its slots, counts and per-role settings.
+
+    ``slots`` lists the declared instances first, then the pool's slots; an
+    instance with index ``i`` always runs in ``slots[i]``.
+    """
+
+    role: Role
+    slots: tuple[InstanceSlot, ...]
+    count: int
+    min: int
+    max: int
+    tp: int = 1
+    dp: int = 1
+    kv_role: str = ""
+    args: tuple[str, ...] | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    startup_timeout: float = 1800.0
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """The PD proxy: the built-in one, an external command, or none."""
+
+    kind: ProxyKind = "builtin"
+    host: str = "127.0.0.1"
+    port: int = 8080
+    command: tuple[str, ...] = ("{python}", "-m", "pdsupervisord.proxy")
+    args: tuple[str, ...] = DEFAULT_PROXY_ARGS
+    env: Mapping[str, str] = field(default_factory=dict)
+    startup_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class RestartConfig:
+    """Restart policy, backoff and crash-loop limit, shared by all instances."""
+
+    policy: RestartPolicy = "always"
+    success_exit_codes: tuple[int, ...] = ()
+    backoff_initial: float = 1.0
+    backoff_factor: float = 2.0
+    backoff_max: float = 60.0
+    max_restarts: int = 5
+    restart_window: float = 300.0
+    stable_after: float = 60.0
+
+
+@dataclass(frozen=True)
+class Topology:
+    """A validated topology: everything the planner and supervisor need."""
+
+    source: Path
+    daemon: DaemonConfig
+    model_path: str
+    served_name: str | None
+    engine: EngineConfig
+    env: Mapping[str, str]
+    kv: Mapping[str, Any]
+    prefill: RoleConfig
+    decode: RoleConfig
+    proxy: ProxyConfig
+    restart: RestartConfig
+
+    def role(self, role: str) -> RoleConfig:
+        """Return the config of ``role`` ("prefill" or "decode").
+
+        Raises:
+            KeyError: for any other role name.
+        """
+        if role == "prefill":
+            return self.prefill
+        if role == "decode":
+            return self.decode
+        raise KeyError(role)
+
+
+# --------------------------------------------------------------------------- #
+# Locating keys: tomllib gives values but no positions, so we index the lines.
+# --------------------------------------------------------------------------- #
+
+_HEADER_RE = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+_KEY_RE = re.compile(r"^\s*([A-Za-z0-9_\-.\"' ]+?)\s*=")
+
+
+class _Locator:
+    """Maps dotted key paths (``prefill.instances[0].port``) to line numbers.
+
+    A line scan, not a parser: keys inside inline tables and multi-line arrays
+    resolve to the line of their enclosing key, which is where an operator
+    would look anyway.
+    """
+
+    def __init__(self, text: str) -> None:
+        self._lines: dict[str, int] = {}
+        array_counts: dict[str, int] = {}
+        prefix = ""
+        for number, line in enumerate(text.splitlines(), start=1):
+            header = _HEADER_RE.match(line)
+            if header:
+                prefix = self._header_path(header, array_counts)
+                self._lines.setdefault(prefix, number)
+                continue
+            key = _KEY_RE.match(line)
+            if key and not line.lstrip().startswith("#"):
+                name = ".".join(p.strip().strip("\"'") for p in key[1].split("."))
+                path = f"{prefix}.{name}" if prefix else name
+                self._lines.setdefault(path, number)
+
+    @staticmethod
+    def _header_path(header: re.Match[str], array_counts: dict[str, int]) -> str:
+        path = ".".join(p.strip().strip("\"'") for p in header[2].split("."))
+        if header[1] != "[[":
+            return path
+        index = array_counts.get(path, 0)
+        array_counts[path] = index + 1
+        return f"{path}[{index}]"
+
+    def line(self, path: str) -> int | None:
+        """Return the line of ``path`` or of its nearest located ancestor."""
+        while path:
+            if path in self._lines:
+                return self._lines[path]
+            cut = max(path.rfind("."), path.rfind("["))
+            path = path[:cut] if cut > 0 else ""
+        return None
+
+
+# --------------------------------------------------------------------------- #
+# Reading tables with type checks, collecting every issue.
+# --------------------------------------------------------------------------- #
+
+_T = TypeVar("_T")
+_MISSING: Any = object()
+
+
+class _Table:
+    """A view of one TOML table that type-checks keys and records issues."""
+
+    def __init__(self, ctx: _Context, data: Mapping[str, Any], path: str) -> None:
+        self._ctx = ctx
+        self._data = data
+        self.path = path
+        self._used: set[str] = set()
+
+    def key_path(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def error(self, key: str, message: str) -> None:
+        self._ctx.error(self.key_path(key), message)
+
+    def has(self, key: str) -> bool:
+        return key in self._data
+
+    def keys(self) -> list[str]:
+        return list(self._data)
+
+    def get(
+        self,
+        key: str,
+        check: Callable[[Any], bool],
+        expected: str,
+        default: _T = _MISSING,
+    ) -> _T:
+        """Return ``key`` when ``check`` accepts it, else record an issue.
+
+        A missing key without a default, and a value of the wrong type, are
+        recorded and ``default`` (or None) is returned so that validation can
+        go on and report further problems.
+        """
+        self._used.add(key)
+        if key not in self._data:
+            if default is _MISSING:
+                self.error(key, f"required key is missing ({expected})")
+                return None  # type: ignore[return-value]
+            return default
+        value = self._data[key]
+        if not check(value):
+            self.error(key, f"expected {expected}, got {_describe(value)}")
+            return default if default is not _MISSING else None  # type: ignore[return-value]
+        return value  # type: ignore[no-any-return]
+
+    def str(self, key: str, default: _T = _MISSING) -> str | _T:
+        return self.get(key, lambda v: isinstance(v, str), "a string", default)
+
+    def int(self, key: str, default: _T = _MISSING, minimum: int = 0) -> int | _T:
+        value = self.get(key, _is_int, "an integer", default)
+        if isinstance(value, int) and value < minimum:
+            self.error(key, f"must be >= {minimum}, got {value}")
+        return value
+
+    def port(self, key: str, default: _T = _MISSING) -> int | _T:
+        value = self.get(key, _is_int, "a port number", default)
+        if isinstance(value, int) and not 1 <= value <= 65535:
+            self.error(key, f"port must be in 1..65535, got {value}")
+        return value
+
+    def float(self, key: str, default: _T = _MISSING) -> float | _T:
+        value = self.get(key, _is_number, "a number of seconds", default)
+        if isinstance(value, int | float) and value < 0:
+            self.error(key, f"must not be negative, got {value}")
+        return float(value) if _is_number(value) else value
+
+    def str_list(self, key: str, default: _T = _MISSING) -> tuple[str, ...] | _T:
+        value = self.get(key, _is_str_list, "a list of strings", default)
+        return tuple(value) if isinstance(value, list) else value
+
+    def int_list(self, key: str, default: _T = _MISSING) -> tuple[int, ...] | _T:
+        value = self.get(key, _is_int_list, "a list of integers", default)
+        return tuple(value) if isinstance(value, list) else value
+
+    def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
+        value = self.str(key, default)
+        if value not in choices:
+            self.error(key, f"must be one of {', '.join(choices)}; got {value!r}")
+            return default
+        return value
+
+    def env(self, key: str) -> dict[str, str]:
+        """Read an environment table; values may be strings, numbers or bools."""
+        raw = self.get(key, lambda v: isinstance(v, dict), "a table", {})
+        env: dict[str, str] = {}
+        for name, value in raw.items():
+            if isinstance(value, bool):
+                env[name] = "true" if value else "false"
+            elif isinstance(value, str | int | float):
+                env[name] = str(value)
+            else:
+                self._ctx.error(
+                    f"{self.key_path(key)}.{name}",
+                    f"environment values must be strings or numbers, "
+                    f"got {_describe(value)}",
+                )
+        return env
+
+    def table(self, key: str, required: bool = False) -> _Table:
+        default = _MISSING if required else {}
+        raw = self.get(key, lambda v: isinstance(v, dict), "a table", default)
+        return _Table(self._ctx, raw or {}, self.key_path(key))
+
+    def tables(self, key: str) -> list[_Table]:
+        raw = self.get(key, _is_table_list, "an array of tables", [])
+        return [
+            _Table(self._ctx, item, f"{self.key_path(key)}[{i}]")
+            for i, item in enumerate(raw)
+        ]
+
+    def check_unknown(self) -> None:
+        """Record every key nobody asked for, suggesting the nearest valid one."""
+        for key in self._data:
+            if key in self._used:
+                continue
+            close = difflib.get_close_matches(key, sorted(self._used), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            valid = ", ".join(sorted(self._used))
+            self.error(key, f"unknown key{hint} (valid keys: {valid})")
+
+
+@dataclass
+class _Context:
+    file: str
+    locator: _Locator
+    issues: list[ConfigIssue] = field(default_factory=list)
+
+    def error(self, path: str, message: str) -> None:
+        self.issues.append(
+            ConfigIssue(self.file, self.locator.line(path), path, message)
+        )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _is_int_list(value: Any) -> bool:
+    return isinstance(value, list) and all(_is_int(v) for v in value)
+
+
+def _is_table_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, dict) for v in value)
+
+
+def _describe(value: Any) -> str:
+    kind = {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a table",
+    }.get(type(value), type(value).__name__)
+    return f"{kind} ({value!r})" if not isinstance(value, dict | list) else kind
+
+
+# --------------------------------------------------------------------------- #
+# The sections.
+# --------------------------------------------------------------------------- #
+
+
+def _read_daemon(top: _Table, source: Path) -> DaemonConfig:
+    t = top.table("daemon")
+    run_dir = _resolve(source, t.str("run_dir", "/run/pdsupervisord"))
+    log_dir = _resolve(source, t.str("log_dir", str(run_dir / "log")))
+    config = DaemonConfig(
+        run_dir=run_dir,
+        log_dir=log_dir,
+        control=t.str("control", f"ipc://{run_dir}/control.sock"),
+        events=t.str("events", f"ipc://{run_dir}/events.sock"),
+        stop_timeout=t.float("stop_timeout", 30.0),
+        probe_period=t.float("probe_period", 0.5),
+        probe_timeout=t.float("probe_timeout", 2.0),
+        health_period=t.float("health_period", 5.0),
+    )
+    for key in ("control", "events"):
+        endpoint = getattr(config, key)
+        if not endpoint.startswith(("ipc://", "tcp://")):
+            t.error(key, f"must be an ipc:// or tcp:// endpoint, got {endpoint!r}")
+    t.check_unknown()
+    return config
+
+
+def _resolve(source: Path, value: str) -> Path:
+    """Resolve a path relative to the directory of the topology file."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else (source.parent / path).resolve()
+
+
+def _read_engine(top: _Table) -> EngineConfig:
+    t = top.table("engine")
+    config = EngineConfig(
+        command=t.str_list("command", ("vllm", "serve")),
+        host=t.str("host", "0.0.0.0"),
+        args=t.str_list("args", ()),
+        env=t.env("env"),
+        devices_env=t.str("devices_env", "ASCEND_RT_VISIBLE_DEVICES"),
+    )
+    if not config.command:
+        t.error("command", "must name at least the program to run")
+    _check_placeholders(t, "command", config.command)
+    _check_placeholders(t, "args", config.args)
+    t.check_unknown()
+    return config
+
+
+def _check_placeholders(t: _Table, key: str, tokens: tuple[str, ...]) -> None:
+    for token in tokens:
+        for name in PLACEHOLDER_RE.findall(token):
+            if name not in PLACEHOLDERS:
+                close = difflib.get_close_matches(name, list(PLACEHOLDERS), n=1)
+                hint = f"; did you mean {{{close[0]}}}?" if close else ""
+                t.error(key, f"unknown placeholder {{{name}}}{hint}")
+
+
+def _read_kv(top: _Table) -> dict[str, Any]:
+    t = top.table("kv")
+    kv: dict[str, Any] = {}
+    for key in t.keys():  # file order, so the JSON reads like the operator wrote it
+        if key in KV_KEYS:
+            kv[key] = t.get(key, lambda _: True, "a value")
+    for key in KV_KEYS:
+        t.get(key, lambda _: True, "a value", None)  # mark as valid for suggestions
+    if "kv_role" in kv:
+        t.error("kv_role", "set kv_role per role ([prefill] / [decode] kv_role)")
+    t.check_unknown()
+    return kv
+
+
+def _read_slot(t: _Table, default_host: str) -> InstanceSlot:
+    devices = t.int_list("devices", ())
+    slot = InstanceSlot(
+        host=t.str("host", default_host),
+        port=t.port("port"),
+        devices=devices,
+        rpc_port=t.port("rpc_port", None),
+        kv_port=t.get(
+            "kv_port", lambda v: _is_int(v) or isinstance(v, str), "a port", None
+        ),
+        engine_id=t.str("engine_id", None),
+        env=t.env("env"),
+    )
+    t.check_unknown()
+    return slot
+
+
+def _read_pool(t: _Table, host: str, tp: int, dp: int) -> list[InstanceSlot]:
+    """Expand a pool table into slots: one port, rpc_port and tp*dp devices each."""
+    host = t.str("host", host)
+    ports = t.int_list("ports", ())
+    devices = t.int_list("devices", ())
+    rpc_ports = t.int_list("rpc_ports", ())
+    t.check_unknown()
+
+    width = tp * dp
+    size = len(ports)
+    if devices and len(devices) != size * width:
+        t.error(
+            "devices",
+            f"{len(ports)} pool ports need {size * width} devices "
+            f"({width} per instance), got {len(devices)}",
+        )
+    if rpc_ports and len(rpc_ports) != size:
+        t.error("rpc_ports", f"need one RPC port per pool port ({size})")
+    return [
+        InstanceSlot(
+            host=host,
+            port=port,
+            devices=tuple(devices[i * width : (i + 1) * width]),
+            rpc_port=rpc_ports[i] if i < len(rpc_ports) else None,
+            from_pool=True,
+        )
+        for i, port in enumerate(ports)
+    ]
+
+
+def _read_role(top: _Table, role: Role) -> RoleConfig:
+    t = top.table(role, required=True)
+    tp = t.int("tensor_parallel_size", 1, minimum=1)
+    dp = t.int("data_parallel_size", 1, minimum=1)
+    declared = [_read_slot(s, "127.0.0.1") for s in t.tables("instances")]
+    if not declared:
+        t.error("instances", f"at least one [[{role}.instances]] is required")
+    first_host = declared[0].host if declared else "127.0.0.1"
+    pool = _read_pool(t.table("pool"), first_host, tp, dp) if t.has("pool") else []
+    slots = tuple(declared + pool)
+
+    count = t.int("count", len(declared), minimum=1)
+    config = RoleConfig(
+        role=role,
+        slots=slots,
+        count=count,
+        min=t.int("min", min(count, 1), minimum=1),
+        max=t.int("max", len(slots), minimum=1),
+        tp=tp,
+        dp=dp,
+        kv_role=t.str("kv_role", "kv_producer" if role == "prefill" else "kv_consumer"),
+        args=t.str_list("args", None),
+        env=t.env("env"),
+        startup_timeout=t.float("startup_timeout", 1800.0),
+    )
+    if config.args is not None:
+        _check_placeholders(t, "args", config.args)
+    _check_role_counts(t, config)
+    _check_slot_devices(t, config, len(declared))
+    t.check_unknown()
+    return config
+
+
+def _check_role_counts(t: _Table, config: RoleConfig) -> None:
+    if config.min > config.max:
+        t.error("min", f"min ({config.min}) is greater than max ({config.max})")
+    if not config.min <= config.count <= config.max:
+        t.error("count", f"count {config.count} is outside min..max")
+    if config.max > len(config.slots):
+        t.error(
+            "max",
+            f"max is {config.max} but only {len(config.slots)} slots exist "
+            "(declared instances plus pool); add ports/devices to the pool",
+        )
+    if config.count > len(config.slots):
+        t.error("count", f"count {config.count} exceeds the {len(config.slots)} slots")
+
+
+def _check_slot_devices(t: _Table, config: RoleConfig, declared: int) -> None:
+    width = config.tp * config.dp
+    for i, slot in enumerate(config.slots[:declared]):
+        if slot.devices and len(slot.devices) != width:
+            t.error(
+                f"instances[{i}].devices",
+                f"{len(slot.devices)} devices given but tensor_parallel_size x "
+                f"data_parallel_size = {width}",
+            )
+
+
+def _read_proxy(top: _Table) -> ProxyConfig:
+    t = top.table("proxy")
+    kind = t.choice("kind", ("builtin", "external", "none"), "builtin")
+    default_command: Any = ("{python}", "-m", "pdsupervisord.proxy")
+    if kind == "external":
+        default_command = _MISSING
+    config = ProxyConfig(
+        kind=kind,  # type: ignore[arg-type]
+        host=t.str("host", "127.0.0.1"),
+        port=t.port("port", 8080),
+        command=t.str_list("command", default_command) or (),
+        args=t.str_list("args", DEFAULT_PROXY_ARGS),
+        env=t.env("env"),
+        startup_timeout=t.float("startup_timeout", 60.0),
+    )
+    _check_placeholders(t, "command", config.command)
+    _check_placeholders(t, "args", config.args)
+    t.check_unknown()
+    return config
+
+
+def _read_restart(top: _Table) -> RestartConfig:
+    t = top.table("restart")
+    config = RestartConfig(
+        policy=t.choice("policy", ("always", "on-failure", "never"), "always"),  # type: ignore[arg-type]
+        success_exit_codes=t.int_list("success_exit_codes", ()),
+        backoff_initial=t.float("backoff_initial", 1.0),
+        backoff_factor=t.float("backoff_factor", 2.0),
+        backoff_max=t.float("backoff_max", 60.0),
+        max_restarts=t.int("max_restarts", 5),
+        restart_window=t.float("restart_window", 300.0),
+        stable_after=t.float("stable_after", 60.0),
+    )
+    if config.backoff_factor < 1:
+        t.error("backoff_factor", "must be >= 1")
+    t.check_unknown()
+    return config
+
+
+def _check_cross(top: _Table, topo: Topology) -> None:
+    """Checks that span sections: duplicate ports and devices on one host."""
+    seen_ports: dict[tuple[str, int], str] = {}
+    seen_devices: dict[tuple[str, int], str] = {}
+    for role in (topo.prefill, topo.decode):
+        for i, slot in enumerate(role.slots):
+            where = f"{role.role} slot {i} ({'pool' if slot.from_pool else 'instance'})"
+            _claim(top, seen_ports, (slot.host, slot.port), where, role.role, "port")
+            for device in slot.devices:
+                _claim(top, seen_devices, (slot.host, device), where, role.role, "device")
+    if topo.proxy.kind != "none":
+        _claim(top, seen_ports, (topo.proxy.host, topo.proxy.port), "proxy", "proxy", "port")
+
+
+def _claim(
+    top: _Table,
+    seen: dict[tuple[str, int], str],
+    key: tuple[str, int],
+    owner: str,
+    section: str,
+    what: str,
+) -> None:
+    if key in seen:
+        top.error(
+            section,
+            f"{what} {key[1]} on {key[0]} is used by both {seen[key]} and {owner}",
+        )
+    else:
+        seen[key] = owner
+
+
+def loads(text: str, source: Path | str = "<string>") -> Topology:
+    """Parse and validate topology ``text``.
+
+    Args:
+        text: The TOML document.
+        source: The file it came from; used in messages and to resolve
+            relative paths.
+
+    Raises:
+        ConfigError: with every problem found (file, line, key, message).
+    """
+    source = Path(source)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        line = re.search(r"line (\d+)", str(exc))
+        issue = ConfigIssue(
+            str(source), int(line[1]) if line else None, "", f"invalid TOML: {exc}"
+        )
+        raise ConfigError([issue]) from exc
+
+    ctx = _Context(str(source), _Locator(text))
+    top = _Table(ctx, data, "")
+    model = top.table("model", required=True)
+    topo = Topology(
+        source=source,
+        daemon=_read_daemon(top, source),
+        model_path=model.str("path"),
+        served_name=model.str("served_name", None),
+        engine=_read_engine(top),
+        env=top.env("env"),
+        kv=_read_kv(top),
+        prefill=_read_role(top, "prefill"),
+        decode=_read_role(top, "decode"),
+        proxy=_read_proxy(top),
+        restart=_read_restart(top),
+    )
+    model.check_unknown()
+    top.check_unknown()
+    if not ctx.issues:
+        _check_cross(top, topo)
+    if ctx.issues:
+        raise ConfigError(ctx.issues)
+    return topo
+
+
+def load(path: Path | str) -> Topology:
+    """Read and validate the topology file at ``path``.
+
+    Raises:
+        ConfigError: when the file cannot be read or is invalid.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([ConfigIssue(str(path), None, "", str(exc))]) from exc
+    return loads(text, path.resolve())

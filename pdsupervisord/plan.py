@@ -1,0 +1,297 @@
+"""Turn a :class:`~pdsupervisord.config.Topology` into exact instance commands.
+
+Pure: no I/O, no clock. The same topology always gives the same argv and
+environment, which is what lets the seed guide's commands be reproduced
+token for token and compared in a test.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pdsupervisord.config import PLACEHOLDER_RE, InstanceSlot, RoleConfig, Topology
+from pdsupervisord.errors import PlanError
+
+__all__ = [
+    "Connector",
+    "InstanceSpec",
+    "Plan",
+    "connector_for",
+    "engine_spec",
+    "initial_plan",
+    "plan_to_json",
+    "proxy_spec",
+    "render_shell",
+]
+
+InstanceRole = Literal["prefill", "decode", "proxy"]
+
+
+@dataclass(frozen=True)
+class Connector:
+    """What the planner must know about one KV connector family.
+
+    Attributes:
+        rpc_env: Environment variable that carries the instance's RPC or side
+            channel port base, or None when the connector has none.
+        needs_ranktable: Whether a rank table path must be exported.
+    """
+
+    rpc_env: str | None = None
+    needs_ranktable: bool = False
+
+
+_CONNECTORS: tuple[tuple[str, Connector], ...] = (
+    ("LLMDataDist", Connector("VLLM_ASCEND_LLMDD_RPC_PORT", needs_ranktable=True)),
+    ("Nixl", Connector("VLLM_NIXL_SIDE_CHANNEL_PORT")),
+    ("Mooncake", Connector()),
+)
+
+
+def connector_for(name: str | None) -> Connector:
+    """Return the strategy for the connector called ``name`` (by family)."""
+    for family, connector in _CONNECTORS:
+        if name and family in name:
+            return connector
+    return Connector()
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    """Everything needed to start and reach one instance.
+
+    Attributes:
+        name: ``prefill-0``, ``decode-0``, ``proxy``.
+        role: prefill, decode or proxy.
+        index: Index within the role (0 for the proxy).
+        argv: The exact command line.
+        env: Only the variables the topology sets, in export order.
+        host: Address the daemon and proxy use to reach the instance.
+        port: HTTP port.
+        devices: Device ids the instance owns.
+        rpc_ports: KV RPC ports it binds (``base .. base + tp*dp - 1``).
+        startup_timeout: Seconds allowed from spawn to healthy.
+    """
+
+    name: str
+    role: InstanceRole
+    index: int
+    argv: tuple[str, ...]
+    env: Mapping[str, str] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    port: int = 0
+    devices: tuple[int, ...] = ()
+    rpc_ports: tuple[int, ...] = ()
+    startup_timeout: float = 1800.0
+
+    @property
+    def address(self) -> str:
+        """``host:port`` as the proxy's membership API names backends."""
+        return f"{self.host}:{self.port}"
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``--print-plan --json`` form of this instance."""
+        return {
+            "name": self.name,
+            "role": self.role,
+            "argv": list(self.argv),
+            "env": dict(self.env),
+            "host": self.host,
+            "port": self.port,
+            "devices": list(self.devices),
+        }
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Instances in start order: prefill, decode, then the proxy."""
+
+    instances: tuple[InstanceSpec, ...]
+
+    def by_name(self, name: str) -> InstanceSpec:
+        """Return the instance called ``name``.
+
+        Raises:
+            KeyError: when there is none.
+        """
+        for spec in self.instances:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+
+def _expand(tokens: Iterable[str], values: Mapping[str, str | Sequence[str]]) -> list[str]:
+    """Substitute placeholders; a token that is exactly a list placeholder
+    expands to one token per element."""
+    out: list[str] = []
+    for token in tokens:
+        whole = PLACEHOLDER_RE.fullmatch(token)
+        if whole and isinstance(values.get(whole[1]), list | tuple):
+            out.extend(values[whole[1]])
+            continue
+
+        def sub(match: Any) -> str:
+            value = values.get(match[1])
+            if value is None or not isinstance(value, str):
+                raise PlanError(f"placeholder {match[0]} cannot be used in {token!r}")
+            return value
+
+        out.append(PLACEHOLDER_RE.sub(sub, token))
+    return out
+
+
+def _kv_config(topo: Topology, role: RoleConfig, slot: InstanceSlot) -> dict[str, Any]:
+    """Build the ``--kv-transfer-config`` object, kv_role placed as vLLM docs do."""
+    kv: dict[str, Any] = {}
+    for key, value in topo.kv.items():
+        kv[key] = value
+        if key == "kv_buffer_device":
+            kv["kv_role"] = role.kv_role
+    kv.setdefault("kv_role", role.kv_role)
+    if slot.kv_port is not None:
+        kv["kv_port"] = slot.kv_port
+    if slot.engine_id is not None:
+        kv["engine_id"] = slot.engine_id
+    return kv
+
+
+def engine_spec(topo: Topology, role_name: str, index: int) -> InstanceSpec:
+    """Plan instance ``index`` of ``role_name`` in its slot.
+
+    Raises:
+        PlanError: when the role has no slot with that index.
+    """
+    role = topo.role(role_name)
+    if not 0 <= index < len(role.slots):
+        raise PlanError(f"{role_name} has no slot {index} ({len(role.slots)} slots)")
+    slot = role.slots[index]
+    name = f"{role_name}-{index}"
+    values: dict[str, str | Sequence[str]] = {
+        "python": sys.executable,
+        "model": topo.model_path,
+        "served_name": topo.served_name or topo.model_path,
+        "tp": str(role.tp),
+        "dp": str(role.dp),
+        "host": topo.engine.host,
+        "port": str(slot.port),
+        "name": name,
+        "index": str(index),
+    }
+
+    argv = _expand(topo.engine.command, values)
+    argv += [topo.model_path, "--host", topo.engine.host, "--port", str(slot.port)]
+    argv += _expand(role.args if role.args is not None else topo.engine.args, values)
+    if topo.kv:
+        kv = _kv_config(topo, role, slot)
+        argv += ["--kv-transfer-config", json.dumps(kv)]
+
+    return InstanceSpec(
+        name=name,
+        role=role.role,
+        index=index,
+        argv=tuple(argv),
+        env=_engine_env(topo, role, slot),
+        host=slot.host,
+        port=slot.port,
+        devices=slot.devices,
+        rpc_ports=_rpc_ports(role, slot),
+        startup_timeout=role.startup_timeout,
+    )
+
+
+def _engine_env(topo: Topology, role: RoleConfig, slot: InstanceSlot) -> dict[str, str]:
+    """Variables in the guide's export order: devices, common, RPC port, rest."""
+    env: dict[str, str] = {}
+    if slot.devices:
+        env[topo.engine.devices_env] = ",".join(str(d) for d in slot.devices)
+    env.update(topo.env)
+    connector = connector_for(topo.kv.get("kv_connector"))
+    if connector.rpc_env and slot.rpc_port is not None:
+        env[connector.rpc_env] = str(slot.rpc_port)
+    env.update(topo.engine.env)
+    env.update(role.env)
+    env.update(slot.env)
+    return env
+
+
+def _rpc_ports(role: RoleConfig, slot: InstanceSlot) -> tuple[int, ...]:
+    """The ports an instance binds: ``base + dp_local_rank * tp + tp_rank``."""
+    if slot.rpc_port is None:
+        return ()
+    return tuple(range(slot.rpc_port, slot.rpc_port + role.tp * role.dp))
+
+
+def proxy_spec(
+    topo: Topology, prefill: Sequence[InstanceSpec], decode: Sequence[InstanceSpec]
+) -> InstanceSpec | None:
+    """Plan the proxy for the given members, or None when there is no proxy."""
+    proxy = topo.proxy
+    if proxy.kind == "none":
+        return None
+    values: dict[str, str | Sequence[str]] = {
+        "python": sys.executable,
+        "model": topo.model_path,
+        "served_name": topo.served_name or topo.model_path,
+        "host": proxy.host,
+        "port": str(proxy.port),
+        "name": "proxy",
+        "index": "0",
+        "prefiller_hosts": [s.host for s in prefill],
+        "prefiller_ports": [str(s.port) for s in prefill],
+        "decoder_hosts": [s.host for s in decode],
+        "decoder_ports": [str(s.port) for s in decode],
+    }
+    argv = _expand(proxy.command, values) + _expand(proxy.args, values)
+    return InstanceSpec(
+        name="proxy",
+        role="proxy",
+        index=0,
+        argv=tuple(argv),
+        env=dict(proxy.env),
+        host=proxy.host,
+        port=proxy.port,
+        startup_timeout=proxy.startup_timeout,
+    )
+
+
+def initial_plan(topo: Topology) -> Plan:
+    """Plan the instances the daemon starts with, in start order.
+
+    Raises:
+        PlanError: when a placeholder cannot be substituted.
+    """
+    prefill = [engine_spec(topo, "prefill", i) for i in range(topo.prefill.count)]
+    decode = [engine_spec(topo, "decode", i) for i in range(topo.decode.count)]
+    proxy = proxy_spec(topo, prefill, decode)
+    return Plan(tuple(prefill + decode + ([proxy] if proxy else [])))
+
+
+def plan_to_json(plan: Plan) -> dict[str, Any]:
+    """The ``--print-plan --json`` document."""
+    return {"instances": [spec.to_json() for spec in plan.instances]}
+
+
+def render_shell(plan: Plan) -> str:
+    """Render the plan as runnable shell, one block per instance."""
+    blocks = []
+    for spec in plan.instances:
+        lines = [f"# {spec.name} ({spec.role}) on {spec.host}:{spec.port}"]
+        lines += [f"export {k}={shlex.quote(v)}" for k, v in spec.env.items()]
+        lines.append(_wrap_command(spec.argv))
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + "\n"
+
+
+def _wrap_command(argv: Sequence[str]) -> str:
+    """Join argv as shell, one option per continued line."""
+    lines: list[list[str]] = [[]]
+    for token in argv:
+        if token.startswith("--") and lines[-1]:
+            lines.append([])
+        lines[-1].append(shlex.quote(token))
+    return " \\\n  ".join(" ".join(line) for line in lines)
