@@ -161,7 +161,7 @@ async def spawn(
         OSError: when the program cannot be executed (missing, not executable).
     """
     log_dir.mkdir(parents=True, exist_ok=True)
-    files = [
+    files: list[IO[Any]] = [
         open(log_dir / f"{name}.{stream}.log", "ab", buffering=0)  # noqa: SIM115
         for stream in ("stdout", "stderr")
     ]

@@ -14,12 +14,13 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import time
 from types import TracebackType
 from typing import Any
 
 import zmq
 
-from pdsupervisord.errors import ControlError, DaemonUnreachable
+from pdsupervisord.errors import ControlError, DaemonUnreachableError
 from pdsupervisord.protocol import encode_request
 
 __all__ = ["Client"]
@@ -37,8 +38,7 @@ class Client:
         self.timeout = timeout
         self._ids = itertools.count(1)
         self._prefix = f"{os.getpid()}-"
-        self._ctx = zmq.Context.instance()
-        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.connect(endpoint)
 
@@ -51,14 +51,14 @@ class Client:
             **args: The command's arguments.
 
         Raises:
-            DaemonUnreachable: when no reply arrives in time.
+            DaemonUnreachableError: when no reply arrives in time.
             ControlError: when the daemon replies with an error.
         """
         wait = self.timeout if timeout is None else timeout
         request_id = f"{self._prefix}{next(self._ids)}"
         self._sock.send_multipart([b"", encode_request(request_id, command, args)])
-        deadline_ms = int(wait * 1000)
-        while self._sock.poll(deadline_ms, zmq.POLLIN):
+        deadline = time.monotonic() + wait
+        while self._sock.poll(_remaining_ms(deadline), zmq.POLLIN):
             reply = json.loads(self._sock.recv_multipart()[-1])
             if reply.get("id") != request_id:
                 continue  # a late answer to an earlier, timed-out request
@@ -66,7 +66,7 @@ class Client:
                 return reply.get("result")
             error = reply.get("error") or {}
             raise ControlError(error.get("code", "unknown"), error.get("message", ""))
-        raise DaemonUnreachable(self.endpoint, wait)
+        raise DaemonUnreachableError(self.endpoint, wait)
 
     def close(self) -> None:
         """Close the socket."""
@@ -82,3 +82,7 @@ class Client:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _remaining_ms(deadline: float) -> int:
+    return max(0, int((deadline - time.monotonic()) * 1000))

@@ -311,10 +311,10 @@ class _Table:
             return default if default is not _MISSING else None  # type: ignore[return-value]
         return value  # type: ignore[no-any-return]
 
-    def str(self, key: str, default: _T = _MISSING) -> str | _T:
+    def text(self, key: str, default: _T = _MISSING) -> str | _T:
         return self.get(key, lambda v: isinstance(v, str), "a string", default)
 
-    def int(self, key: str, default: _T = _MISSING, minimum: int = 0) -> int | _T:
+    def integer(self, key: str, default: _T = _MISSING, minimum: int = 0) -> int | _T:
         value = self.get(key, _is_int, "an integer", default)
         if isinstance(value, int) and value < minimum:
             self.error(key, f"must be >= {minimum}, got {value}")
@@ -326,11 +326,11 @@ class _Table:
             self.error(key, f"port must be in 1..65535, got {value}")
         return value
 
-    def float(self, key: str, default: _T = _MISSING) -> float | _T:
+    def seconds(self, key: str, default: _T = _MISSING) -> float | _T:
         value = self.get(key, _is_number, "a number of seconds", default)
         if isinstance(value, int | float) and value < 0:
             self.error(key, f"must not be negative, got {value}")
-        return float(value) if _is_number(value) else value
+        return float(value) if isinstance(value, int | float) else value
 
     def str_list(self, key: str, default: _T = _MISSING) -> tuple[str, ...] | _T:
         value = self.get(key, _is_str_list, "a list of strings", default)
@@ -341,7 +341,7 @@ class _Table:
         return tuple(value) if isinstance(value, list) else value
 
     def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
-        value = self.str(key, default)
+        value = self.text(key, default)
         if value not in choices:
             self.error(key, f"must be one of {', '.join(choices)}; got {value!r}")
             return default
@@ -349,7 +349,9 @@ class _Table:
 
     def env(self, key: str) -> dict[str, str]:
         """Read an environment table; values may be strings, numbers or bools."""
-        raw = self.get(key, lambda v: isinstance(v, dict), "a table", {})
+        raw: dict[str, Any] = self.get(
+            key, lambda v: isinstance(v, dict), "a table", {}
+        )
         env: dict[str, str] = {}
         for name, value in raw.items():
             if isinstance(value, bool):
@@ -370,7 +372,9 @@ class _Table:
         return _Table(self._ctx, raw or {}, self.key_path(key))
 
     def tables(self, key: str) -> list[_Table]:
-        raw = self.get(key, _is_table_list, "an array of tables", [])
+        raw: list[dict[str, Any]] = self.get(
+            key, _is_table_list, "an array of tables", []
+        )
         return [
             _Table(self._ctx, item, f"{self.key_path(key)}[{i}]")
             for i, item in enumerate(raw)
@@ -438,17 +442,17 @@ def _describe(value: Any) -> str:
 
 def _read_daemon(top: _Table, source: Path) -> DaemonConfig:
     t = top.table("daemon")
-    run_dir = _resolve(source, t.str("run_dir", "/run/pdsupervisord"))
-    log_dir = _resolve(source, t.str("log_dir", str(run_dir / "log")))
+    run_dir = _resolve(source, t.text("run_dir", "/run/pdsupervisord"))
+    log_dir = _resolve(source, t.text("log_dir", str(run_dir / "log")))
     config = DaemonConfig(
         run_dir=run_dir,
         log_dir=log_dir,
-        control=t.str("control", f"ipc://{run_dir}/control.sock"),
-        events=t.str("events", f"ipc://{run_dir}/events.sock"),
-        stop_timeout=t.float("stop_timeout", 30.0),
-        probe_period=t.float("probe_period", 0.5),
-        probe_timeout=t.float("probe_timeout", 2.0),
-        health_period=t.float("health_period", 5.0),
+        control=t.text("control", f"ipc://{run_dir}/control.sock"),
+        events=t.text("events", f"ipc://{run_dir}/events.sock"),
+        stop_timeout=t.seconds("stop_timeout", 30.0),
+        probe_period=t.seconds("probe_period", 0.5),
+        probe_timeout=t.seconds("probe_timeout", 2.0),
+        health_period=t.seconds("health_period", 5.0),
     )
     for key in ("control", "events"):
         endpoint = getattr(config, key)
@@ -468,10 +472,10 @@ def _read_engine(top: _Table) -> EngineConfig:
     t = top.table("engine")
     config = EngineConfig(
         command=t.str_list("command", ("vllm", "serve")),
-        host=t.str("host", "0.0.0.0"),
+        host=t.text("host", "0.0.0.0"),
         args=t.str_list("args", ()),
         env=t.env("env"),
-        devices_env=t.str("devices_env", "ASCEND_RT_VISIBLE_DEVICES"),
+        devices_env=t.text("devices_env", "ASCEND_RT_VISIBLE_DEVICES"),
     )
     if not config.command:
         t.error("command", "must name at least the program to run")
@@ -493,7 +497,7 @@ def _check_placeholders(t: _Table, key: str, tokens: tuple[str, ...]) -> None:
 def _read_kv(top: _Table) -> dict[str, Any]:
     t = top.table("kv")
     kv: dict[str, Any] = {}
-    for key in t.keys():  # file order, so the JSON reads like the operator wrote it
+    for key in t.keys():  # noqa: SIM118 - _Table is not a dict  # file order, so the JSON reads like the operator wrote it
         if key in KV_KEYS:
             kv[key] = t.get(key, lambda _: True, "a value")
     for key in KV_KEYS:
@@ -507,14 +511,14 @@ def _read_kv(top: _Table) -> dict[str, Any]:
 def _read_slot(t: _Table, default_host: str) -> InstanceSlot:
     devices = t.int_list("devices", ())
     slot = InstanceSlot(
-        host=t.str("host", default_host),
+        host=t.text("host", default_host),
         port=t.port("port"),
         devices=devices,
         rpc_port=t.port("rpc_port", None),
         kv_port=t.get(
             "kv_port", lambda v: _is_int(v) or isinstance(v, str), "a port", None
         ),
-        engine_id=t.str("engine_id", None),
+        engine_id=t.text("engine_id", None),
         env=t.env("env"),
     )
     t.check_unknown()
@@ -523,7 +527,7 @@ def _read_slot(t: _Table, default_host: str) -> InstanceSlot:
 
 def _read_pool(t: _Table, host: str, tp: int, dp: int) -> list[InstanceSlot]:
     """Expand a pool table into slots: one port, rpc_port and tp*dp devices each."""
-    host = t.str("host", host)
+    host = t.text("host", host)
     ports = t.int_list("ports", ())
     devices = t.int_list("devices", ())
     rpc_ports = t.int_list("rpc_ports", ())
@@ -553,8 +557,8 @@ def _read_pool(t: _Table, host: str, tp: int, dp: int) -> list[InstanceSlot]:
 
 def _read_role(top: _Table, role: Role) -> RoleConfig:
     t = top.table(role, required=True)
-    tp = t.int("tensor_parallel_size", 1, minimum=1)
-    dp = t.int("data_parallel_size", 1, minimum=1)
+    tp = t.integer("tensor_parallel_size", 1, minimum=1)
+    dp = t.integer("data_parallel_size", 1, minimum=1)
     declared = [_read_slot(s, "127.0.0.1") for s in t.tables("instances")]
     if not declared:
         t.error("instances", f"at least one [[{role}.instances]] is required")
@@ -562,19 +566,21 @@ def _read_role(top: _Table, role: Role) -> RoleConfig:
     pool = _read_pool(t.table("pool"), first_host, tp, dp) if t.has("pool") else []
     slots = tuple(declared + pool)
 
-    count = t.int("count", len(declared), minimum=1)
+    count = t.integer("count", len(declared), minimum=1)
     config = RoleConfig(
         role=role,
         slots=slots,
         count=count,
-        min=t.int("min", min(count, 1), minimum=1),
-        max=t.int("max", len(slots), minimum=1),
+        min=t.integer("min", min(count, 1), minimum=1),
+        max=t.integer("max", len(slots), minimum=1),
         tp=tp,
         dp=dp,
-        kv_role=t.str("kv_role", "kv_producer" if role == "prefill" else "kv_consumer"),
+        kv_role=t.text(
+            "kv_role", "kv_producer" if role == "prefill" else "kv_consumer"
+        ),
         args=t.str_list("args", None),
         env=t.env("env"),
-        startup_timeout=t.float("startup_timeout", 1800.0),
+        startup_timeout=t.seconds("startup_timeout", 1800.0),
     )
     if config.args is not None:
         _check_placeholders(t, "args", config.args)
@@ -618,12 +624,12 @@ def _read_proxy(top: _Table) -> ProxyConfig:
         default_command = _MISSING
     config = ProxyConfig(
         kind=kind,  # type: ignore[arg-type]
-        host=t.str("host", "127.0.0.1"),
+        host=t.text("host", "127.0.0.1"),
         port=t.port("port", 8080),
         command=t.str_list("command", default_command) or (),
         args=t.str_list("args", DEFAULT_PROXY_ARGS),
         env=t.env("env"),
-        startup_timeout=t.float("startup_timeout", 60.0),
+        startup_timeout=t.seconds("startup_timeout", 60.0),
     )
     _check_placeholders(t, "command", config.command)
     _check_placeholders(t, "args", config.args)
@@ -636,12 +642,12 @@ def _read_restart(top: _Table) -> RestartConfig:
     config = RestartConfig(
         policy=t.choice("policy", ("always", "on-failure", "never"), "always"),  # type: ignore[arg-type]
         success_exit_codes=t.int_list("success_exit_codes", ()),
-        backoff_initial=t.float("backoff_initial", 1.0),
-        backoff_factor=t.float("backoff_factor", 2.0),
-        backoff_max=t.float("backoff_max", 60.0),
-        max_restarts=t.int("max_restarts", 5),
-        restart_window=t.float("restart_window", 300.0),
-        stable_after=t.float("stable_after", 60.0),
+        backoff_initial=t.seconds("backoff_initial", 1.0),
+        backoff_factor=t.seconds("backoff_factor", 2.0),
+        backoff_max=t.seconds("backoff_max", 60.0),
+        max_restarts=t.integer("max_restarts", 5),
+        restart_window=t.seconds("restart_window", 300.0),
+        stable_after=t.seconds("stable_after", 60.0),
     )
     if config.backoff_factor < 1:
         t.error("backoff_factor", "must be >= 1")
@@ -651,33 +657,26 @@ def _read_restart(top: _Table) -> RestartConfig:
 
 def _check_cross(top: _Table, topo: Topology) -> None:
     """Checks that span sections: duplicate ports and devices on one host."""
-    seen_ports: dict[tuple[str, int], str] = {}
-    seen_devices: dict[tuple[str, int], str] = {}
+    owners: dict[tuple[str, str, int], str] = {}
+
+    def claim(what: str, host: str, number: int, owner: str, section: str) -> None:
+        key = (what, host, number)
+        if key in owners:
+            top.error(
+                section,
+                f"{what} {number} on {host} is used by both {owners[key]} and {owner}",
+            )
+        owners.setdefault(key, owner)
+
     for role in (topo.prefill, topo.decode):
         for i, slot in enumerate(role.slots):
-            where = f"{role.role} slot {i} ({'pool' if slot.from_pool else 'instance'})"
-            _claim(top, seen_ports, (slot.host, slot.port), where, role.role, "port")
+            kind = "pool" if slot.from_pool else "instance"
+            owner = f"{role.role} slot {i} ({kind})"
+            claim("port", slot.host, slot.port, owner, role.role)
             for device in slot.devices:
-                _claim(top, seen_devices, (slot.host, device), where, role.role, "device")
+                claim("device", slot.host, device, owner, role.role)
     if topo.proxy.kind != "none":
-        _claim(top, seen_ports, (topo.proxy.host, topo.proxy.port), "proxy", "proxy", "port")
-
-
-def _claim(
-    top: _Table,
-    seen: dict[tuple[str, int], str],
-    key: tuple[str, int],
-    owner: str,
-    section: str,
-    what: str,
-) -> None:
-    if key in seen:
-        top.error(
-            section,
-            f"{what} {key[1]} on {key[0]} is used by both {seen[key]} and {owner}",
-        )
-    else:
-        seen[key] = owner
+        claim("port", topo.proxy.host, topo.proxy.port, "proxy", "proxy")
 
 
 def loads(text: str, source: Path | str = "<string>") -> Topology:
@@ -707,8 +706,8 @@ def loads(text: str, source: Path | str = "<string>") -> Topology:
     topo = Topology(
         source=source,
         daemon=_read_daemon(top, source),
-        model_path=model.str("path"),
-        served_name=model.str("served_name", None),
+        model_path=model.text("path"),
+        served_name=model.text("served_name", None),
         engine=_read_engine(top),
         env=top.env("env"),
         kv=_read_kv(top),

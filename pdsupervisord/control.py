@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
-from collections.abc import Iterator
 
 import anyio
 import anyio.abc
@@ -25,9 +24,9 @@ from pdsupervisord import __version__, protocol
 from pdsupervisord.errors import ScaleError
 from pdsupervisord.events import Event, encode
 from pdsupervisord.protocol import ErrorCode, ProtocolError, Request
-from pdsupervisord.supervisor import Supervisor, UnknownInstance
+from pdsupervisord.supervisor import Supervisor, UnknownInstanceError
 
-__all__ = ["ControlServer", "EndpointRefused", "check_endpoint"]
+__all__ = ["ControlServer", "EndpointRefusedError", "check_endpoint"]
 
 log = structlog.get_logger("pdsupervisord.control")
 
@@ -35,7 +34,7 @@ Handler = Callable[["ControlServer", Request], Awaitable[Any]]
 _COMMANDS: dict[str, Handler] = {}
 
 
-class EndpointRefused(ValueError):
+class EndpointRefusedError(ValueError):
     """Raised at start-up for an endpoint the daemon will not listen on."""
 
 
@@ -47,13 +46,13 @@ def check_endpoint(endpoint: str) -> None:
     would hand them the daemon.
 
     Raises:
-        EndpointRefused: for any other endpoint.
+        EndpointRefusedError: for any other endpoint.
     """
     if endpoint.startswith("ipc://"):
         return
     if endpoint.startswith(("tcp://127.0.0.1:", "tcp://localhost:")):
         return
-    raise EndpointRefused(
+    raise EndpointRefusedError(
         f"refusing control endpoint {endpoint!r}: only ipc:// and "
         "tcp://127.0.0.1:PORT are allowed (the socket has no authentication)"
     )
@@ -103,7 +102,7 @@ class ControlServer:
         """Bind both sockets (ipc files 0600).
 
         Raises:
-            EndpointRefused: for a non-local endpoint.
+            EndpointRefusedError: for a non-local endpoint.
             zmq.ZMQError: when the address is in use or invalid.
         """
         for endpoint in (self.endpoint, self.events_endpoint):
@@ -162,7 +161,7 @@ class ControlServer:
             result = await handler(self, request)
         except ProtocolError as exc:
             return protocol.error_reply(request.id, exc.code, str(exc))
-        except UnknownInstance as exc:
+        except UnknownInstanceError as exc:
             names = ", ".join(self.supervisor.instances)
             message = f"no instance named {exc.args[0]!r} (have: {names})"
             return protocol.error_reply(request.id, ErrorCode.UNKNOWN_INSTANCE, message)
@@ -195,7 +194,9 @@ def _arg(request: Request, key: str, kind: type, default: Any = ...) -> Any:
             raise ProtocolError(ErrorCode.BAD_ARGS, f"missing argument {key!r}")
         return default
     value = request.args[key]
-    ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
+    ok = isinstance(value, kind) and not (
+        kind in (int, float) and isinstance(value, bool)
+    )
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         ok = True
     if not ok:
@@ -223,7 +224,7 @@ async def _status(server: ControlServer, request: Request) -> Any:
     if name is not None:
         entries = [e for e in entries if name in (e["name"], e["role"])]
         if not entries:
-            raise UnknownInstance(name)
+            raise UnknownInstanceError(name)
     return {
         "instances": entries,
         "daemon": {

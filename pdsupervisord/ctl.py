@@ -16,7 +16,7 @@ from typing import Any
 
 from pdsupervisord import config as config_module
 from pdsupervisord.client import Client
-from pdsupervisord.errors import ConfigError, ControlError, DaemonUnreachable
+from pdsupervisord.errors import ConfigError, ControlError, DaemonUnreachableError
 
 __all__ = ["format_status", "main"]
 
@@ -29,7 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     where = parser.add_mutually_exclusive_group()
     where.add_argument("-c", "--config", help="topology file (to find the socket)")
-    where.add_argument("-s", "--socket", help="control endpoint, e.g. ipc:///run/x.sock")
+    where.add_argument(
+        "-s", "--socket", help="control endpoint, e.g. ipc:///run/x.sock"
+    )
     parser.add_argument(
         "--timeout", type=float, default=10.0, help="seconds to wait for an answer"
     )
@@ -116,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with Client(endpoint, timeout=timeout) as client:
             result = client.call(command, **body)
-    except DaemonUnreachable as exc:
+    except DaemonUnreachableError as exc:
         print(f"pdsupervisorctl: daemon unreachable: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
     except ControlError as exc:
@@ -138,31 +140,46 @@ def _render(command: str, result: Any, as_json: bool) -> str:
     if command == "scale":
         added = ", ".join(result["added"]) or "-"
         removed = ", ".join(result["removed"]) or "-"
-        return f"{result['role']}: {result['count']} (added: {added}; removed: {removed})"
+        return (
+            f"{result['role']}: {result['count']} (added: {added}; removed: {removed})"
+        )
     return json.dumps(result)
 
 
 def format_status(entries: list[dict[str, Any]], now: float | None = None) -> str:
     """Render status entries as an aligned table."""
     now = time.time() if now is None else now
-    header = ("NAME", "ROLE", "STATE", "PID", "ADDRESS", "DEVICES", "RESTARTS",
-              "UPTIME", "LAST EXIT")
+    header = (
+        "NAME",
+        "ROLE",
+        "STATE",
+        "PID",
+        "ADDRESS",
+        "DEVICES",
+        "RESTARTS",
+        "UPTIME",
+        "LAST EXIT",
+    )
     rows = [header]
     for e in entries:
-        rows.append((
-            e["name"],
-            e["role"],
-            e["state"] if e["state"] != "backoff" else f"backoff ({e['reason']})",
-            str(e["pid"] or "-"),
-            f"{e['host']}:{e['port']}",
-            ",".join(str(d) for d in e["devices"]) or "-",
-            str(e["restarts"]),
-            _duration(e["uptime"]) if e["uptime"] is not None else "-",
-            _last_exit(e["last_exit"], now),
-        ))
+        rows.append(
+            (
+                e["name"],
+                e["role"],
+                e["state"] if e["state"] != "backoff" else f"backoff ({e['reason']})",
+                str(e["pid"] or "-"),
+                f"{e['host']}:{e['port']}",
+                ",".join(str(d) for d in e["devices"]) or "-",
+                str(e["restarts"]),
+                _duration(e["uptime"]) if e["uptime"] is not None else "-",
+                _last_exit(e["last_exit"], now),
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+        "  ".join(
+            cell.ljust(width) for cell, width in zip(row, widths, strict=True)
+        ).rstrip()
         for row in rows
     )
 

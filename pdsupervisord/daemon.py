@@ -21,7 +21,7 @@ import zmq
 from pdsupervisord import __version__
 from pdsupervisord import config as config_module
 from pdsupervisord.config import Topology
-from pdsupervisord.control import ControlServer, EndpointRefused
+from pdsupervisord.control import ControlServer, EndpointRefusedError
 from pdsupervisord.errors import ConfigError, PlanError
 from pdsupervisord.events import EventBus
 from pdsupervisord.plan import initial_plan, plan_to_json, render_shell
@@ -115,10 +115,12 @@ async def _serve(topo: Topology) -> int:
     bus = EventBus()
     supervisor = Supervisor(topo, bus)
     stop = anyio.Event()
-    server = ControlServer(supervisor, topo.daemon.control, topo.daemon.events, stop.set)
+    server = ControlServer(
+        supervisor, topo.daemon.control, topo.daemon.events, stop.set
+    )
     try:
         server.bind()
-    except (EndpointRefused, zmq.ZMQError) as exc:
+    except (EndpointRefusedError, zmq.ZMQError) as exc:
         log.error("daemon.bind_failed", endpoint=topo.daemon.control, error=str(exc))
         return EXIT_RUNTIME
     bus.subscribe(server.publish)
@@ -146,7 +148,9 @@ async def _serve(topo: Topology) -> int:
 
 async def _watch_signals(stop: anyio.Event) -> None:
     """SIGTERM/SIGINT stop the daemon; SIGHUP is logged and ignored for now."""
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+    with anyio.open_signal_receiver(
+        signal.SIGTERM, signal.SIGINT, signal.SIGHUP
+    ) as signals:
         async for signum in signals:
             if signum == signal.SIGHUP:
                 # Reloading the topology is not implemented yet; ignoring

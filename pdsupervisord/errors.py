@@ -6,7 +6,7 @@
     ├── ConfigError               the topology file is unreadable or invalid
     ├── PlanError                 a valid topology cannot be turned into commands
     ├── ControlError              a control request failed (carries a wire error code)
-    │   └── DaemonUnreachable     no daemon answered within the deadline
+    │   └── DaemonUnreachableError     no daemon answered within the deadline
     └── ScaleError                a scale request cannot be satisfied (pool, bounds)
 """
 
@@ -38,8 +38,10 @@ class ConfigIssue:
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line else self.file
-        return f"{where}: {self.key}: {self.message}" if self.key else (
-            f"{where}: {self.message}"
+        return (
+            f"{where}: {self.key}: {self.message}"
+            if self.key
+            else (f"{where}: {self.message}")
         )
 
 
@@ -74,7 +76,7 @@ class ControlError(PdsError):
         super().__init__(f"{code}: {message}")
 
 
-class DaemonUnreachable(ControlError):
+class DaemonUnreachableError(ControlError):
     """Raised by the client when no daemon answers within the deadline."""
 
     def __init__(self, endpoint: str, timeout: float) -> None:

@@ -123,6 +123,7 @@ class Instance:
         self,
         spec: InstanceSpec,
         hooks: Hooks,
+        *,
         restart: RestartConfig,
         bus: EventBus,
         log_dir: Path,
@@ -218,7 +219,9 @@ class Instance:
         self._finished = True
         self._send.send_nowait(_Stop(drain=True, reason="scaled_down"))
 
-    async def wait_for(self, predicate: Callable[[State], bool], timeout: float) -> bool:
+    async def wait_for(
+        self, predicate: Callable[[State], bool], timeout: float
+    ) -> bool:
         """Block until ``predicate(state)`` holds; False on timeout."""
         with anyio.move_on_after(timeout):
             while not predicate(self.state):
@@ -355,10 +358,10 @@ class Instance:
         decision = policy.decide(
             self._restart_config,
             run.status,
-            run.cause,
-            self._failures,
-            self._restart_times,
-            now,
+            cause=run.cause,
+            failures=self._failures,
+            recent_restarts=self._restart_times,
+            now=now,
         )
         detail = {"exit": self.last_exit, "orphans_killed": orphans}
         if decision.fatal:
@@ -457,4 +460,3 @@ class Instance:
         if orphans:
             log.warning("instance.orphans_killed", instance=self.name, pids=orphans)
         await self._send.send(_Stopped(run.gen, orphans))
-

@@ -8,10 +8,12 @@ token for token and compared in a test.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 from pdsupervisord.config import PLACEHOLDER_RE, InstanceSlot, RoleConfig, Topology
@@ -125,7 +127,9 @@ class Plan:
         raise KeyError(name)
 
 
-def _expand(tokens: Iterable[str], values: Mapping[str, str | Sequence[str]]) -> list[str]:
+def _expand(
+    tokens: Iterable[str], values: Mapping[str, str | Sequence[str]]
+) -> list[str]:
     """Substitute placeholders; a token that is exactly a list placeholder
     expands to one token per element."""
     out: list[str] = []
@@ -133,16 +137,18 @@ def _expand(tokens: Iterable[str], values: Mapping[str, str | Sequence[str]]) ->
         whole = PLACEHOLDER_RE.fullmatch(token)
         if whole and isinstance(values.get(whole[1]), list | tuple):
             out.extend(values[whole[1]])
-            continue
-
-        def sub(match: Any) -> str:
-            value = values.get(match[1])
-            if value is None or not isinstance(value, str):
-                raise PlanError(f"placeholder {match[0]} cannot be used in {token!r}")
-            return value
-
-        out.append(PLACEHOLDER_RE.sub(sub, token))
+        else:
+            out.append(PLACEHOLDER_RE.sub(partial(_scalar, values, token=token), token))
     return out
+
+
+def _scalar(
+    values: Mapping[str, str | Sequence[str]], match: re.Match[str], *, token: str
+) -> str:
+    value = values.get(match[1])
+    if not isinstance(value, str):
+        raise PlanError(f"placeholder {match[0]} cannot be used inside {token!r}")
+    return value
 
 
 def _kv_config(topo: Topology, role: RoleConfig, slot: InstanceSlot) -> dict[str, Any]:

@@ -52,6 +52,7 @@ def is_success(config: RestartConfig, status: ExitStatus) -> bool:
 def decide(
     config: RestartConfig,
     status: ExitStatus,
+    *,
     cause: str,
     failures: int,
     recent_restarts: Sequence[float],

@@ -87,7 +87,9 @@ def decode_request(frame: bytes) -> Request:
             ErrorCode.BAD_REQUEST, "'command' must be a string", request_id
         )
     if not isinstance(args, dict):
-        raise ProtocolError(ErrorCode.BAD_REQUEST, "'args' must be an object", request_id)
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, "'args' must be an object", request_id
+        )
     return Request(request_id, command, args)
 
 

@@ -6,7 +6,7 @@ import enum
 import signal
 from dataclasses import dataclass
 
-__all__ = ["ExitStatus", "IllegalTransition", "State", "check_transition"]
+__all__ = ["ExitStatus", "IllegalTransitionError", "State", "check_transition"]
 
 
 class State(str, enum.Enum):
@@ -46,7 +46,7 @@ _ALLOWED: dict[State, frozenset[State]] = {
 RUNNING_STATES = frozenset({State.STARTING, State.READY, State.STOPPING})
 
 
-class IllegalTransition(RuntimeError):
+class IllegalTransitionError(RuntimeError):
     """Raised when code asks for a transition the state machine forbids.
 
     This is a programming error inside the daemon, never an operator error.
@@ -54,9 +54,9 @@ class IllegalTransition(RuntimeError):
 
 
 def check_transition(old: State, new: State) -> None:
-    """Raise :class:`IllegalTransition` unless ``old -> new`` is allowed."""
+    """Raise :class:`IllegalTransitionError` unless ``old -> new`` is allowed."""
     if new not in _ALLOWED[old]:
-        raise IllegalTransition(f"{old.value} -> {new.value}")
+        raise IllegalTransitionError(f"{old.value} -> {new.value}")
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from pdsupervisord.membership import TOKEN_ENV, ProxyMembership
 from pdsupervisord.probes import http_ok, port_open
 from pdsupervisord.states import State
 
-__all__ = ["Supervisor", "UnknownInstance"]
+__all__ = ["Supervisor", "UnknownInstanceError"]
 
 log = structlog.get_logger("pdsupervisord.supervisor")
 
@@ -32,7 +32,7 @@ ENGINE_ROLES = ("prefill", "decode")
 DOWN_STATES = (State.STOPPED, State.EXITED, State.FATAL)
 
 
-class UnknownInstance(KeyError):
+class UnknownInstanceError(KeyError):
     """Raised when a command names an instance the daemon does not have."""
 
 
@@ -81,16 +81,18 @@ class Supervisor:
         spec = planner.engine_spec(self.topo, role, index)
         return self._add(spec)
 
-    def _add(self, spec: planner.InstanceSpec, env: dict[str, str] | None = None) -> Instance:
+    def _add(
+        self, spec: planner.InstanceSpec, env: dict[str, str] | None = None
+    ) -> Instance:
         daemon = self.topo.daemon
         instance = Instance(
             spec,
             self,
-            self.topo.restart,
-            self.bus,
-            daemon.log_dir,
-            daemon.stop_timeout,
-            daemon.probe_period,
+            restart=self.topo.restart,
+            bus=self.bus,
+            log_dir=daemon.log_dir,
+            stop_timeout=daemon.stop_timeout,
+            probe_period=daemon.probe_period,
             env_extra=env,
         )
         self.instances[spec.name] = instance
@@ -110,9 +112,7 @@ class Supervisor:
             await self._changed.wait()
         if self._shutting_down:
             return
-        members = {
-            role: [i.spec for i in self.engines(role)] for role in ENGINE_ROLES
-        }
+        members = {role: [i.spec for i in self.engines(role)] for role in ENGINE_ROLES}
         spec = planner.proxy_spec(self.topo, members["prefill"], members["decode"])
         if spec is not None:
             assert self._membership is not None
@@ -157,7 +157,9 @@ class Supervisor:
             self._membership.up = False
             return
         timeout = self.topo.daemon.stop_timeout if drain else 0.0
-        await self._membership.remove(instance.spec.role, instance.spec.address, timeout)
+        await self._membership.remove(
+            instance.spec.role, instance.spec.address, timeout
+        )
 
     async def _sync_membership(self) -> None:
         """Give a (re)started proxy the current rotation: ready in, others out."""
@@ -175,12 +177,12 @@ class Supervisor:
         """Return the instance called ``name``.
 
         Raises:
-            UnknownInstance: when there is none.
+            UnknownInstanceError: when there is none.
         """
         try:
             return self.instances[name]
         except KeyError:
-            raise UnknownInstance(name) from None
+            raise UnknownInstanceError(name) from None
 
     def status(self) -> list[dict[str, Any]]:
         """One entry per instance, prefill then decode then proxy."""
@@ -195,7 +197,9 @@ class Supervisor:
         instance = self.get(name)
         instance.start()
         if wait:
-            await instance.wait_for(lambda s: s is State.READY or s in DOWN_STATES, wait)
+            await instance.wait_for(
+                lambda s: s is State.READY or s in DOWN_STATES, wait
+            )
         return instance.status()
 
     async def stop(self, name: str, wait: float = 0.0) -> dict[str, Any]:
@@ -213,8 +217,10 @@ class Supervisor:
         instance.restart()
         if wait:
             await instance.wait_for(
-                lambda s: (s is State.READY and instance.pid != before)
-                or s in (State.EXITED, State.FATAL),
+                lambda s: (
+                    (s is State.READY and instance.pid != before)
+                    or s in (State.EXITED, State.FATAL)
+                ),
                 wait,
             )
         return instance.status()
@@ -265,7 +271,9 @@ class Supervisor:
         async with anyio.create_task_group() as tg:
             for instance in changed:
                 if instance.removed:
-                    tg.start_soon(instance.wait_for, lambda s: s is State.STOPPED, timeout)
+                    tg.start_soon(
+                        instance.wait_for, lambda s: s is State.STOPPED, timeout
+                    )
                 else:
                     tg.start_soon(
                         instance.wait_for,

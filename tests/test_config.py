@@ -27,7 +27,9 @@ def _line_of(text: str, needle: str) -> int:
     return next(n for n, line in enumerate(text.splitlines(), 1) if needle in line)
 
 
-@pytest.mark.parametrize("name", ["demo.toml", "qwen25vl-1p1d.toml", "qwen25vl-2p1d.toml"])
+@pytest.mark.parametrize(
+    "name", ["demo.toml", "qwen25vl-1p1d.toml", "qwen25vl-2p1d.toml"]
+)
 def test_shipped_configs_are_valid(name: str) -> None:
     topo = config.load(ROOT / "conf" / name)
     assert topo.prefill.count >= 1 and topo.decode.count >= 1
@@ -38,7 +40,9 @@ def test_unknown_key_names_file_line_and_nearest_key(tmp_path: Path) -> None:
     issues = _issues(text, tmp_path)
     line = _line_of(text, "startup_timout")
     assert len(issues) == 1
-    assert issues[0].startswith(f"{tmp_path / 'bad.toml'}:{line}: prefill.startup_timout")
+    assert issues[0].startswith(
+        f"{tmp_path / 'bad.toml'}:{line}: prefill.startup_timout"
+    )
     assert "did you mean 'startup_timeout'" in issues[0]
 
 
@@ -60,7 +64,9 @@ def test_all_errors_are_reported_at_once(tmp_path: Path) -> None:
 
 
 def test_missing_required_section(tmp_path: Path) -> None:
-    text = DEMO.replace("[decode]\n", "[decoder]\n").replace("[[decode.instances]]", "[[decoder.instances]]")
+    text = DEMO.replace("[decode]\n", "[decoder]\n").replace(
+        "[[decode.instances]]", "[[decoder.instances]]"
+    )
     issues = _issues(text, tmp_path)
     assert any("decode: required key is missing" in i for i in issues)
     assert any("decoder: unknown key; did you mean 'decode'" in i for i in issues)
@@ -81,7 +87,9 @@ def test_duplicate_port_between_roles(tmp_path: Path) -> None:
 
 def test_duplicate_device_between_roles(tmp_path: Path) -> None:
     text = DEMO.replace("devices = [1]", "devices = [0]")
-    assert any("device 0 on 127.0.0.1 is used by both" in i for i in _issues(text, tmp_path))
+    assert any(
+        "device 0 on 127.0.0.1 is used by both" in i for i in _issues(text, tmp_path)
+    )
 
 
 def test_pool_needs_tp_devices_per_port(tmp_path: Path) -> None:
@@ -91,7 +99,9 @@ def test_pool_needs_tp_devices_per_port(tmp_path: Path) -> None:
 
 def test_max_beyond_slots_is_an_error(tmp_path: Path) -> None:
     text = DEMO.replace("max = 3 ", "max = 5 ")
-    assert any("prefill.max: max is 5 but only 3 slots" in i for i in _issues(text, tmp_path))
+    assert any(
+        "prefill.max: max is 5 but only 3 slots" in i for i in _issues(text, tmp_path)
+    )
 
 
 def test_unknown_placeholder_is_an_error(tmp_path: Path) -> None:
@@ -121,7 +131,10 @@ def test_daemon_refuses_invalid_topology_and_starts_nothing(tmp_path: Path) -> N
     path.write_text(text)
     done = subprocess.run(
         [sys.executable, "-m", "pdsupervisord.daemon", "-c", str(path)],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert done.returncode == 2
     assert f"{path}:" in done.stderr and "model.bogus: unknown key" in done.stderr

@@ -50,9 +50,19 @@ def _guide() -> dict[str, Any]:
 
 def _plan_json(path: Path) -> dict[str, Any]:
     out = subprocess.run(
-        [sys.executable, "-m", "pdsupervisord.daemon", "-c", str(path),
-         "--print-plan", "--json"],
-        check=True, capture_output=True, text=True, timeout=30,
+        [
+            sys.executable,
+            "-m",
+            "pdsupervisord.daemon",
+            "-c",
+            str(path),
+            "--print-plan",
+            "--json",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
     ).stdout
     return {i["name"]: i for i in json.loads(out)["instances"]}
 
@@ -120,9 +130,18 @@ def test_2p1d_plan_follows_the_guide_variation() -> None:
 
 def test_print_plan_shell_is_runnable_shell() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "pdsupervisord.daemon", "-c",
-         str(ROOT / "conf" / "qwen25vl-1p1d.toml"), "--print-plan"],
-        check=True, capture_output=True, text=True, timeout=30,
+        [
+            sys.executable,
+            "-m",
+            "pdsupervisord.daemon",
+            "-c",
+            str(ROOT / "conf" / "qwen25vl-1p1d.toml"),
+            "--print-plan",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
     ).stdout
     # bash -n parses without running: the output must be valid shell.
     subprocess.run(["bash", "-n"], input=out, check=True, text=True, timeout=10)
@@ -134,7 +153,9 @@ def test_print_plan_shell_is_runnable_shell() -> None:
 
 def test_engine_spec_rpc_range_covers_tp_times_dp(tmp_path: Path) -> None:
     text = (ROOT / "conf" / "qwen25vl-1p1d.toml").read_text()
-    text = text.replace("tensor_parallel_size = 1\nstartup", "tensor_parallel_size = 2\nstartup", 1)
+    text = text.replace(
+        "tensor_parallel_size = 1\nstartup", "tensor_parallel_size = 2\nstartup", 1
+    )
     text = text.replace("devices = [0]", "devices = [0, 2]")
     topo = config.loads(text, tmp_path / "t.toml")
     spec = plan.engine_spec(topo, "prefill", 0)
