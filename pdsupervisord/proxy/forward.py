@@ -1,0 +1,581 @@
+"""Forwarding one generation request: prefill leg, decode leg, relay.
+
+Design notes:
+
+- Retries share one budget per request (``max_retries``). A failed attempt
+  excludes its backend from the rest of the request, except when the
+  connection was merely dropped (often a stale keep-alive connection), so a
+  request never waits twice on the same timeout.
+- A decoder failure before anything reached the client retries the whole
+  request, prefill included: the new decoder needs KV blocks of its own
+  request id. After the first byte reached the client nothing can be retried;
+  a stream is then ended with an error event and without ``data: [DONE]``.
+- Every backend is held through a `Lease` used as a context manager, so its
+  counters are released on success, on error and on cancellation. The server
+  cancels a handler when its client disconnects; leaving the ``async with``
+  of an upstream response then closes that connection, and vLLM aborts the
+  request on its side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import aiohttp
+import structlog
+from aiohttp import hdrs, web
+
+from pdsupervisord.proxy import protocol
+from pdsupervisord.proxy.backends import Address, Backend, BackendState, Pool, Role
+from pdsupervisord.proxy.errors import (
+    AttemptError,
+    BadRequestError,
+    FailureKind,
+    RequestFailedError,
+    UpstreamRejectedError,
+)
+from pdsupervisord.proxy.metrics import ProxyMetrics
+from pdsupervisord.proxy.protocol import REQUEST_ID_HEADER, JSONObject
+from pdsupervisord.proxy.settings import ProxySettings
+
+__all__ = ["CLIENT_CLOSED", "Exchange", "Forwarder"]
+
+_log = structlog.get_logger("pdsupervisord.proxy")
+
+CLIENT_CLOSED = 499
+"""Status recorded (never sent) when the client goes away mid-request."""
+
+# Upstream error bodies are quoted in our messages up to this many bytes.
+_SNIPPET_BYTES = 200
+# Error kind counted when a backend answers 4xx (not a failure of the backend).
+_REJECTED = "rejected"
+# Exponential retry backoff stops growing here.
+_MAX_RETRY_DELAY_S = 2.0
+# /v1/models is cheap; a decoder slower than this is skipped.
+_MODELS_TIMEOUT_S = 5.0
+
+
+@dataclass
+class Exchange:
+    """What happened to one client request; it becomes its one log line."""
+
+    request_id: str
+    route: str
+    started: float
+    stream: bool = False
+    prefill: str | None = None
+    decode: str | None = None
+    upstream_calls: int = 0
+    status: int = 0
+    error: str | None = None
+    fallback: bool = False
+    authorization: str | None = None
+
+    def called(self, backend: Backend) -> None:
+        """Record that a leg is being sent to this backend."""
+        self.upstream_calls += 1
+        if backend.role is Role.PREFILL:
+            self.prefill = str(backend.address)
+        else:
+            self.decode = str(backend.address)
+
+    def upstream_headers(self) -> dict[str, str]:
+        """Headers both legs carry: the same request id, the client's auth."""
+        headers = {
+            REQUEST_ID_HEADER: self.request_id,
+            hdrs.CONTENT_TYPE: "application/json",
+        }
+        if self.authorization is not None:
+            headers[hdrs.AUTHORIZATION] = self.authorization
+        return headers
+
+
+class _Attempts:
+    """Retry bookkeeping of one request: budget, tried backends, last failure."""
+
+    def __init__(self, settings: ProxySettings, metrics: ProxyMetrics) -> None:
+        self._left = settings.max_retries
+        self._delay = settings.retry_delay
+        self._metrics = metrics
+        self._tried: dict[Role, set[Address]] = {
+            Role.PREFILL: set(),
+            Role.DECODE: set(),
+        }
+        self._last: dict[Role, AttemptError] = {}
+
+    def exclude(self, role: Role) -> frozenset[Address]:
+        """Backends of this role not to pick again for this request."""
+        return frozenset(self._tried[role])
+
+    async def failed(self, failure: AttemptError) -> None:
+        """Record a failure and wait before the retry.
+
+        Raises:
+            RequestFailedError: the retry budget is spent.
+        """
+        self._last[failure.role] = failure
+        if failure.kind is not FailureKind.DISCONNECTED:
+            self._tried[failure.role].add(failure.address)
+        if self._left == 0:
+            raise RequestFailedError(
+                failure.kind, f"{failure.message} (retries exhausted)"
+            )
+
+        self._left -= 1
+        self._metrics.retries.labels(failure.role.value).inc()
+        await asyncio.sleep(self._delay)
+        self._delay = min(self._delay * 2, _MAX_RETRY_DELAY_S)
+
+    def nothing_left(self, pool: Pool) -> RequestFailedError:
+        """The failure to answer when no backend of the pool can be tried."""
+        last = self._last.get(pool.role)
+        if last is not None:
+            return RequestFailedError(
+                last.kind, f"{last.message} (no other {pool.role.value} backend left)"
+            )
+        counts = ", ".join(f"{pool.count(s)} {s.value}" for s in BackendState)
+        return RequestFailedError(
+            FailureKind.NO_BACKEND,
+            f"no {pool.role.value} backend available ({counts})",
+        )
+
+
+@contextlib.contextmanager
+def _upstream_errors(
+    backend: Backend, settings: ProxySettings, timeout: float
+) -> Iterator[None]:
+    """Turn aiohttp's errors on one backend into `AttemptError`.
+
+    A backend that cannot be connected to is ejected for the cool-down.
+    """
+    try:
+        yield
+    except aiohttp.ConnectionTimeoutError as exc:
+        backend.mark_unreachable(FailureKind.TIMEOUT.value)
+        detail = f"cannot connect within {settings.connect_timeout} s"
+        raise AttemptError(
+            backend.role, backend.address, FailureKind.TIMEOUT, detail
+        ) from exc
+    except asyncio.TimeoutError as exc:
+        detail = f"no answer in {timeout} s"
+        raise _failed(backend, FailureKind.TIMEOUT, detail) from exc
+    except aiohttp.ClientConnectorError as exc:
+        backend.mark_unreachable(FailureKind.REFUSED.value)
+        detail = f"cannot connect: {exc.strerror}"
+        raise AttemptError(
+            backend.role, backend.address, FailureKind.REFUSED, detail
+        ) from exc
+    except aiohttp.ClientError as exc:
+        detail = f"connection lost: {exc!r}"
+        raise _failed(backend, FailureKind.DISCONNECTED, detail) from exc
+
+
+def _failed(backend: Backend, kind: FailureKind, detail: str) -> AttemptError:
+    backend.count_error(kind.value)
+    return AttemptError(backend.role, backend.address, kind, detail)
+
+
+def _snippet(raw: bytes) -> str:
+    text = raw[:_SNIPPET_BYTES].decode("utf-8", "replace").strip()
+    return text or "<empty body>"
+
+
+def _check_status(
+    backend: Backend, status: int, raw: bytes, content_type: str | None
+) -> None:
+    """Raise for an upstream answer that is not a 200.
+
+    Raises:
+        UpstreamRejectedError: a 4xx, for the client to see as it is.
+        AttemptError: any other status.
+    """
+    if 400 <= status < 500:
+        backend.count_error(_REJECTED)
+        raise UpstreamRejectedError(status, raw, content_type)
+    if status != 200:
+        detail = f"answered {status}: {_snippet(raw)}"
+        raise _failed(backend, FailureKind.BAD_STATUS, detail)
+
+
+def _content_type(upstream: aiohttp.ClientResponse) -> str | None:
+    return upstream.headers.get(hdrs.CONTENT_TYPE)
+
+
+def _encode(body: JSONObject) -> bytes:
+    return json.dumps(body, ensure_ascii=False).encode()
+
+
+class Forwarder:
+    """Serves generation requests over one pooled upstream client session.
+
+    `start` must be awaited before the first request and `close` at the end.
+    """
+
+    def __init__(
+        self,
+        settings: ProxySettings,
+        prefill: Pool,
+        decode: Pool,
+        metrics: ProxyMetrics,
+    ) -> None:
+        self._settings = settings
+        self._prefill_pool = prefill
+        self._decode_pool = decode
+        self._metrics = metrics
+        self._session: aiohttp.ClientSession | None = None
+        self._prefill_timeout = aiohttp.ClientTimeout(
+            total=settings.prefill_timeout, sock_connect=settings.connect_timeout
+        )
+        self._decode_timeout = aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=settings.connect_timeout,
+            sock_read=settings.read_timeout,
+        )
+
+    async def start(self) -> None:
+        """Open the keep-alive connection pool to the backends."""
+        # No connection limit: streams are long-lived and a limit would queue
+        # requests here instead of in the engines' schedulers. Keep-alive
+        # stays under uvicorn's 5 s server-side timeout so a connection is
+        # not reused just as the server closes it.
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4.0)
+        self._session = aiohttp.ClientSession(connector=connector)
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        if self._session is not None:
+            await self._session.close()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The upstream client session.
+
+        Raises:
+            RuntimeError: `start` has not been awaited.
+        """
+        if self._session is None:
+            raise RuntimeError("Forwarder.start() was not awaited")
+        return self._session
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Serve one ``/v1/completions`` or ``/v1/chat/completions`` request.
+
+        Never raises for upstream trouble: every failure becomes an answer.
+        Logs exactly one ``proxy.request`` line.
+        """
+        ex = Exchange(
+            request_id=protocol.request_id(None),
+            route=request.path,
+            started=time.monotonic(),
+            authorization=request.headers.get(hdrs.AUTHORIZATION),
+        )
+        try:
+            return await self._answer(request, ex)
+        except asyncio.CancelledError:
+            ex.status, ex.error = CLIENT_CLOSED, "client_disconnected"
+            raise
+        except Exception as exc:
+            # Not swallowed: re-raised for aiohttp to answer 500. Recorded so
+            # the request's one log line says what happened.
+            ex.status, ex.error = 500, f"internal: {exc!r}"
+            raise
+        finally:
+            self._finish(ex)
+
+    async def fetch_models(self, authorization: str | None) -> bytes | None:
+        """``GET /v1/models`` from the first active decoder that answers."""
+        headers = {} if authorization is None else {hdrs.AUTHORIZATION: authorization}
+        timeout = aiohttp.ClientTimeout(total=_MODELS_TIMEOUT_S)
+        for backend in self._decode_pool:
+            if backend.state is not BackendState.ACTIVE:
+                continue
+            url = backend.address.url + "/v1/models"
+            try:
+                async with self.session.get(url, headers=headers, timeout=timeout) as r:
+                    if r.status == 200:
+                        return await r.read()
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                # Another decoder, or the configured model name, answers.
+                continue
+        return None
+
+    async def _answer(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
+        try:
+            ex.request_id = protocol.request_id(request.headers.get(REQUEST_ID_HEADER))
+            body = protocol.parse_body(await _read_body(request))
+            ex.stream = protocol.is_streamed(body)
+            return await self._forward(request, body, ex)
+        except BadRequestError as exc:
+            return self._error(ex, exc.status, "invalid_request_error", exc.message)
+        except UpstreamRejectedError as exc:
+            ex.status, ex.error = exc.status, "upstream_rejected"
+            response = web.Response(status=exc.status, body=exc.body)
+            self._set_headers(response, ex, exc.content_type)
+            return response
+        except RequestFailedError as exc:
+            ex.error = exc.kind.value
+            return self._error(ex, exc.status, exc.error_type, exc.message)
+
+    async def _forward(
+        self, request: web.Request, body: JSONObject, ex: Exchange
+    ) -> web.StreamResponse:
+        attempts = _Attempts(self._settings, self._metrics)
+        while True:
+            # A prefill with no decoder to take it would pin KV blocks on the
+            # prefiller until its abort timeout, for nothing.
+            decoders = attempts.exclude(Role.DECODE)
+            if not self._decode_pool.has_eligible(decoders):
+                raise attempts.nothing_left(self._decode_pool)
+            kv_params, kv_done = await self._prefill(body, ex, attempts)
+            payload = _encode(protocol.decode_body(body, kv_params))
+            try:
+                return await self._decode(request, payload, ex, attempts)
+            except AttemptError as failure:
+                await attempts.failed(failure)
+            finally:
+                kv_done()
+
+    async def _prefill(
+        self, body: JSONObject, ex: Exchange, attempts: _Attempts
+    ) -> tuple[JSONObject | None, Callable[[], None]]:
+        """Run the P leg; returns its kv_transfer_params and a function to
+        call once the decoder is done with them (until then the prefiller
+        cannot finish draining)."""
+        payload = _encode(protocol.prefill_body(body))
+        while True:
+            pool = self._prefill_pool
+            lease = pool.acquire(len(payload), attempts.exclude(Role.PREFILL))
+            if lease is None:
+                raise attempts.nothing_left(pool)
+
+            ex.called(lease.backend)
+            try:
+                with lease:
+                    answer = await self._prefill_once(lease.backend, payload, ex)
+                    kv_done = lease.hand_off()
+            except AttemptError as failure:
+                await attempts.failed(failure)
+                continue
+            try:
+                return self._kv_params(lease.backend, answer, ex), kv_done
+            except BaseException:
+                kv_done()
+                raise
+
+    async def _prefill_once(
+        self, backend: Backend, payload: bytes, ex: Exchange
+    ) -> JSONObject:
+        started = time.monotonic()
+        with _upstream_errors(backend, self._settings, self._settings.prefill_timeout):
+            async with self.session.post(
+                backend.address.url + ex.route,
+                data=payload,
+                headers=ex.upstream_headers(),
+                timeout=self._prefill_timeout,
+            ) as upstream:
+                backend.mark_reachable()
+                raw = await upstream.read()
+        _check_status(backend, upstream.status, raw, _content_type(upstream))
+
+        try:
+            answer = json.loads(raw)
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
+            detail = f"answered 200 without a JSON object: {_snippet(raw)}"
+            raise _failed(backend, FailureKind.BAD_ANSWER, detail)
+        self._metrics.prefill_seconds.observe(time.monotonic() - started)
+        return answer
+
+    def _kv_params(
+        self, backend: Backend, answer: JSONObject, ex: Exchange
+    ) -> JSONObject | None:
+        params = protocol.kv_params_of(answer)
+        if params is not None:
+            return params
+
+        backend.count_error(FailureKind.MISSING_KV_PARAMS.value)
+        self._metrics.missing_kv_params.inc()
+        if not self._settings.allow_decode_prefill_fallback:
+            raise RequestFailedError(
+                FailureKind.MISSING_KV_PARAMS,
+                f"prefill backend {backend.address} answered without "
+                "kv_transfer_params: is it started with a kv_producer "
+                "--kv-transfer-config? (--allow-decode-prefill-fallback lets "
+                "the decoder prefill instead)",
+            )
+        ex.fallback = True
+        return None
+
+    async def _decode(
+        self, request: web.Request, payload: bytes, ex: Exchange, attempts: _Attempts
+    ) -> web.StreamResponse:
+        lease = self._decode_pool.acquire(exclude=attempts.exclude(Role.DECODE))
+        if lease is None:
+            raise attempts.nothing_left(self._decode_pool)
+
+        backend = lease.backend
+        ex.called(backend)
+        with (
+            lease,
+            _upstream_errors(backend, self._settings, self._settings.read_timeout),
+        ):
+            async with self.session.post(
+                backend.address.url + ex.route,
+                data=payload,
+                headers=ex.upstream_headers(),
+                timeout=self._decode_timeout,
+            ) as upstream:
+                backend.mark_reachable()
+                if upstream.status != 200:
+                    raw = await upstream.read()
+                    _check_status(
+                        backend, upstream.status, raw, _content_type(upstream)
+                    )
+                if ex.stream:
+                    return await self._relay_stream(request, upstream, ex, backend)
+                return await self._relay_whole(upstream, ex, backend)
+
+    async def _relay_whole(
+        self, upstream: aiohttp.ClientResponse, ex: Exchange, backend: Backend
+    ) -> web.Response:
+        try:
+            raw = await upstream.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            # Not retried: the decoder may have generated the whole answer.
+            kind = (
+                FailureKind.TIMEOUT
+                if isinstance(exc, asyncio.TimeoutError)
+                else FailureKind.DISCONNECTED
+            )
+            failure = _failed(backend, kind, f"answer cut short: {exc!r}")
+            raise RequestFailedError(kind, failure.message) from exc
+        if not raw:
+            failure = _failed(backend, FailureKind.BAD_ANSWER, "answered 200, no body")
+            raise RequestFailedError(FailureKind.BAD_ANSWER, failure.message)
+
+        ex.status = upstream.status
+        response = web.Response(status=upstream.status, body=raw)
+        self._set_headers(response, ex, _content_type(upstream))
+        return response
+
+    async def _relay_stream(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        ex: Exchange,
+        backend: Backend,
+    ) -> web.StreamResponse:
+        # Read the first bytes before answering: until then a failure can
+        # still be retried on another pair, invisibly to the client.
+        first = await upstream.content.readany()
+        if not first:
+            detail = "closed the stream before the first byte"
+            raise _failed(backend, FailureKind.DISCONNECTED, detail)
+
+        response = web.StreamResponse(status=upstream.status)
+        content_type = upstream.headers.get(hdrs.CONTENT_TYPE, "text/event-stream")
+        self._set_headers(response, ex, content_type)
+        response.headers[hdrs.CACHE_CONTROL] = "no-cache"
+        ex.status = upstream.status
+        try:
+            await response.prepare(request)
+            await response.write(first)
+            self._metrics.ttft_seconds.observe(time.monotonic() - ex.started)
+            await self._pump(upstream, response, first, ex, backend)
+            await response.write_eof()
+        except ConnectionResetError:
+            ex.status, ex.error = CLIENT_CLOSED, "client_disconnected"
+        return response
+
+    async def _pump(
+        self,
+        upstream: aiohttp.ClientResponse,
+        response: web.StreamResponse,
+        first: bytes,
+        ex: Exchange,
+        backend: Backend,
+    ) -> None:
+        """Relay upstream bytes as they come; end a cut stream with an error."""
+        tail = protocol.StreamTail()
+        tail.feed(first)
+        while True:
+            try:
+                chunk = await upstream.content.readany()
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                await self._end_with_error(response, tail, ex, backend, repr(exc))
+                return
+            if not chunk:
+                break
+            await response.write(chunk)
+            tail.feed(chunk)
+
+        if not tail.finished:
+            detail = "stream ended without data: [DONE]"
+            await self._end_with_error(response, tail, ex, backend, detail)
+
+    async def _end_with_error(
+        self,
+        response: web.StreamResponse,
+        tail: protocol.StreamTail,
+        ex: Exchange,
+        backend: Backend,
+        detail: str,
+    ) -> None:
+        failure = _failed(backend, FailureKind.MIDSTREAM, f"stream cut: {detail}")
+        ex.error = FailureKind.MIDSTREAM.value
+        separator = b"" if tail.at_event_boundary else b"\n\n"
+        event = protocol.sse_error_event(502, "upstream_error", failure.message)
+        await response.write(separator + event)
+
+    def _error(
+        self, ex: Exchange, status: int, error_type: str, message: str
+    ) -> web.Response:
+        ex.status = status
+        response = web.json_response(
+            protocol.error_body(status, error_type, message), status=status
+        )
+        response.headers[REQUEST_ID_HEADER] = ex.request_id
+        return response
+
+    @staticmethod
+    def _set_headers(
+        response: web.StreamResponse, ex: Exchange, content_type: str | None
+    ) -> None:
+        response.headers[hdrs.CONTENT_TYPE] = content_type or "application/json"
+        response.headers[REQUEST_ID_HEADER] = ex.request_id
+
+    def _finish(self, ex: Exchange) -> None:
+        elapsed = time.monotonic() - ex.started
+        self._metrics.requests.labels(ex.route, str(ex.status)).inc()
+        if ex.status == 200 and ex.error is None:
+            self._metrics.e2e_seconds.observe(elapsed)
+
+        midstream = ex.error == FailureKind.MIDSTREAM.value
+        troubled = ex.status >= 500 or midstream or ex.fallback
+        log = _log.warning if troubled else _log.info
+        log(
+            "proxy.request",
+            request_id=ex.request_id,
+            route=ex.route,
+            stream=ex.stream,
+            prefill=ex.prefill,
+            decode=ex.decode,
+            status=ex.status,
+            duration_ms=round(elapsed * 1000, 1),
+            upstream_calls=ex.upstream_calls,
+            error=ex.error,
+            decode_prefill_fallback=ex.fallback,
+        )
+
+
+async def _read_body(request: web.Request) -> bytes:
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise BadRequestError(413, f"request body too large: {exc.text}") from exc
