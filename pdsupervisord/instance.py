@@ -59,6 +59,7 @@ class Hooks(Protocol):
 @dataclass
 class _Start:
     reason: str = "commanded"
+    handled: anyio.Event = field(default_factory=anyio.Event)
 
 
 @dataclass
@@ -66,6 +67,7 @@ class _Stop:
     drain: bool = True
     restart: bool = False
     reason: str = "commanded"
+    handled: anyio.Event = field(default_factory=anyio.Event)
 
 
 @dataclass
@@ -196,17 +198,26 @@ class Instance:
 
     # -------------------------------------------------------------- commands
 
-    def start(self) -> None:
-        """Ask the actor to start (no-op when already running)."""
-        self._send.send_nowait(_Start())
+    def start(self) -> anyio.Event:
+        """Ask the actor to start (no-op when already running).
 
-    def stop(self, drain: bool = True, reason: str = "commanded") -> None:
+        Returns:
+            An event set once the actor has acted on the request, so a caller
+            that then waits for a state sees the state after the command.
+        """
+        return self._post(_Start())
+
+    def stop(self, drain: bool = True, reason: str = "commanded") -> anyio.Event:
         """Ask the actor to stop; with ``drain`` the proxy drains it first."""
-        self._send.send_nowait(_Stop(drain=drain, reason=reason))
+        return self._post(_Stop(drain=drain, reason=reason))
 
-    def restart(self) -> None:
+    def restart(self) -> anyio.Event:
         """Ask the actor to stop (draining) and start again."""
-        self._send.send_nowait(_Stop(drain=True, restart=True))
+        return self._post(_Stop(drain=True, restart=True))
+
+    def _post(self, message: _Start | _Stop) -> anyio.Event:
+        self._send.send_nowait(message)
+        return message.handled
 
     def finish(self) -> None:
         """Stop without draining (shutdown) and end the actor loop."""
@@ -246,8 +257,10 @@ class Instance:
         current = run is not None and getattr(message, "gen", run.gen) == run.gen
         if isinstance(message, _Start):
             await self._on_start(message)
+            message.handled.set()
         elif isinstance(message, _Stop):
             await self._on_stop(message)
+            message.handled.set()
         elif not current:
             log.debug("instance.stale_message", instance=self.name, message=message)
         elif isinstance(message, _Ready):

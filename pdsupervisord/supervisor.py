@@ -195,7 +195,7 @@ class Supervisor:
     async def start(self, name: str, wait: float = 0.0) -> dict[str, Any]:
         """Start a stopped, exited or fatal instance."""
         instance = self.get(name)
-        instance.start()
+        await instance.start().wait()
         if wait:
             await instance.wait_for(
                 lambda s: s is State.READY or s in DOWN_STATES, wait
@@ -205,7 +205,7 @@ class Supervisor:
     async def stop(self, name: str, wait: float = 0.0) -> dict[str, Any]:
         """Stop an instance (draining it from the proxy first); no restart."""
         instance = self.get(name)
-        instance.stop()
+        await instance.stop().wait()
         if wait:
             await instance.wait_for(lambda s: s is State.STOPPED, wait)
         return instance.status()
@@ -214,7 +214,7 @@ class Supervisor:
         """Stop then start an instance."""
         instance = self.get(name)
         before = instance.pid
-        instance.restart()
+        await instance.restart().wait()
         if wait:
             await instance.wait_for(
                 lambda s: (

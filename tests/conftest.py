@@ -79,8 +79,11 @@ command = ["{{python}}", "-m", "pdsupervisord.engine", "serve"]
 host = "127.0.0.1"
 args = ["--tensor-parallel-size", "{{tp}}", "--served-model-name", "{{served_name}}",
         "--max-model-len", "4096", "--seed", "1024"]
-env = {{ PDSD_ENGINE_LOAD_SECONDS = "{load}", PDSD_ENGINE_LOCK_DIR = "{tmp}/locks",
-        PDSD_ENGINE_TOKEN_SECONDS = "{token}" }}
+
+[engine.env]
+PDSD_ENGINE_LOAD_SECONDS = "{load}"
+PDSD_ENGINE_LOCK_DIR = "{tmp}/locks"
+PDSD_ENGINE_TOKEN_SECONDS = "{token}"
 
 [env]
 HCCL_IF_IP = "127.0.0.1"
@@ -144,8 +147,9 @@ class Topo:
         with self.client(timeout=args.pop("timeout", 30.0)) as client:
             return client.call(command, **args)
 
-    def status(self) -> dict[str, dict[str, Any]]:
-        return {e["name"]: e for e in self.call("status")["instances"]}
+    def status(self, timeout: float = 30.0) -> dict[str, dict[str, Any]]:
+        instances = self.call("status", timeout=timeout)["instances"]
+        return {e["name"]: e for e in instances}
 
     def ctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -190,8 +194,10 @@ class Daemon:
 
     def remember_groups(self) -> None:
         """Record every child's process group for the leak check at teardown."""
+        if self.process.poll() is not None:
+            return
         with contextlib.suppress(Exception):
-            for entry in self.topo.status().values():
+            for entry in self.topo.status(timeout=3.0).values():
                 if entry["pid"]:
                     self.groups.add(entry["pid"])
 

@@ -113,21 +113,22 @@ def test_scale_prefill_up_then_down_under_load(tmp_path: Path) -> None:
         daemon.wait_ready(("prefill-0", "prefill-1", "decode-0", "proxy"))
 
         def reached_prefill_1() -> bool:
-            chat(topo, f"to-p1-{time.monotonic_ns()}", max_tokens=2)
-            return "Received request" in topo.log("prefill-1")
+            request_id = f"to-p1-{time.monotonic_ns()}"
+            assert chat(topo, request_id, max_tokens=2)[0] == 200
+            return request_id in topo.log("prefill-1")
 
         wait_until(reached_prefill_1, 30, "a request routed to prefill-1")
 
         results: list[int] = []
         stop = threading.Event()
 
-        def loop() -> None:
+        def loop(worker: int) -> None:
             n = 0
             while not stop.is_set():
                 n += 1
-                results.append(chat(topo, f"loop-{n}", max_tokens=20)[0])
+                results.append(chat(topo, f"loop-{worker}-{n}", max_tokens=20)[0])
 
-        threads = [threading.Thread(target=loop) for _ in range(3)]
+        threads = [threading.Thread(target=loop, args=(w,)) for w in range(3)]
         for thread in threads:
             thread.start()
         time.sleep(0.5)
