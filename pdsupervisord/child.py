@@ -150,12 +150,19 @@ class Child:
 
 
 async def spawn(
-    name: str, argv: tuple[str, ...], env: Mapping[str, str], log_dir: Path
+    name: str,
+    argv: tuple[str, ...],
+    env: Mapping[str, str],
+    log_dir: Path,
+    cpus: tuple[int, ...] = (),
 ) -> Child:
     """Start ``argv`` in a new session with stdout/stderr appended to files.
 
     The files are ``<log_dir>/<name>.stdout.log`` and ``<name>.stderr.log``;
-    each start writes a header line to both so runs can be told apart.
+    each start writes a header line to both so runs can be told apart. With
+    ``cpus``, the process is pinned to those cores right after the spawn;
+    processes and threads it creates later inherit the mask (a thread started
+    in the first instants of the exec could escape it: none does in vLLM).
 
     Raises:
         OSError: when the program cannot be executed (missing, not executable).
@@ -181,4 +188,16 @@ async def spawn(
         for handle in files:
             handle.close()
         raise
+    if cpus:
+        try:
+            os.sched_setaffinity(process.pid, cpus)
+        except ProcessLookupError:
+            pass  # already gone: the exit watcher will report it
+        except OSError:
+            # No such CPU here: do not leave an unpinned process running.
+            os.killpg(process.pid, signal.SIGKILL)
+            await process.wait()
+            for handle in files:
+                handle.close()
+            raise
     return Child(name, process, time.monotonic(), time.time(), _files=files)

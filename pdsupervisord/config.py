@@ -126,6 +126,7 @@ class InstanceSlot:
     kv_port: int | str | None = None
     engine_id: str | None = None
     env: Mapping[str, str] = field(default_factory=dict)
+    cpus: tuple[int, ...] = ()
     from_pool: bool = False
 
 
@@ -520,6 +521,7 @@ def _read_slot(t: _Table, default_host: str) -> InstanceSlot:
         ),
         engine_id=t.text("engine_id", None),
         env=t.env("env"),
+        cpus=t.int_list("cpus", ()),
     )
     t.check_unknown()
     return slot

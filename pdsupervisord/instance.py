@@ -415,7 +415,9 @@ class Instance:
         run = _Run(self._gen)
         self._run = run
         try:
-            run.child = await spawn(self.name, self.spec.argv, self._env, self._log_dir)
+            run.child = await spawn(
+                self.name, self.spec.argv, self._env, self._log_dir, self.spec.cpus
+            )
         except OSError as exc:
             self._spawn_failed(run, exc)
             return

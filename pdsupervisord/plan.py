@@ -77,6 +77,7 @@ class InstanceSpec:
         port: HTTP port.
         devices: Device ids the instance owns.
         rpc_ports: KV RPC ports it binds (``base .. base + tp*dp - 1``).
+        cpus: CPU cores the process tree is pinned to (empty: no pinning).
         startup_timeout: Seconds allowed from spawn to healthy.
     """
 
@@ -89,6 +90,7 @@ class InstanceSpec:
     port: int = 0
     devices: tuple[int, ...] = ()
     rpc_ports: tuple[int, ...] = ()
+    cpus: tuple[int, ...] = ()
     startup_timeout: float = 1800.0
 
     @property
@@ -106,6 +108,7 @@ class InstanceSpec:
             "host": self.host,
             "port": self.port,
             "devices": list(self.devices),
+            "cpus": list(self.cpus),
         }
 
 
@@ -206,6 +209,7 @@ def engine_spec(topo: Topology, role_name: str, index: int) -> InstanceSpec:
         port=slot.port,
         devices=slot.devices,
         rpc_ports=_rpc_ports(role, slot),
+        cpus=slot.cpus,
         startup_timeout=role.startup_timeout,
     )
 

@@ -256,3 +256,19 @@ def test_shutdown_command_stops_the_daemon(daemon: Daemon, topo: Topo) -> None:
     out = topo.ctl("shutdown")
     assert out.returncode == 0
     assert daemon.process.wait(timeout=30) == 0
+
+
+def test_instance_cpus_pin_the_process_tree(tmp_path: Path) -> None:
+    topo = write_topology(tmp_path)
+    text = topo.path.read_text().replace("devices = [1]\n", "devices = [1]\ncpus = [0]\n")
+    topo.path.write_text(text)
+    daemon = start_daemon(topo)
+    try:
+        status = daemon.wait_ready()
+        pid = status["decode-0"]["pid"]
+        tree = [pid, *[p for p in group_members(pid) if p != pid]]
+        assert len(tree) >= 2
+        assert all(os.sched_getaffinity(p) == {0} for p in tree)
+        assert len(os.sched_getaffinity(status["prefill-0"]["pid"])) == os.cpu_count()
+    finally:
+        assert not _cleanup(daemon)
