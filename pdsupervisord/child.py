@@ -19,8 +19,6 @@ import subprocess
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import IO, Any
 
 import anyio
 import anyio.abc
@@ -62,7 +60,6 @@ class Child:
     started_at: float
     wall_started_at: float
     known: dict[int, float] = field(default_factory=dict)
-    _files: list[IO[Any]] = field(default_factory=list)
 
     @property
     def pid(self) -> int:
@@ -72,7 +69,6 @@ class Child:
     async def wait(self) -> ExitStatus:
         """Block until the leader exits; return how it ended."""
         returncode = await self.process.wait()
-        self._close_files()
         return ExitStatus.from_returncode(returncode)
 
     def snapshot_descendants(self) -> None:
@@ -117,7 +113,6 @@ class Child:
         if self.process.returncode is None:
             await self.process.wait()
         await self._wait_group_empty(deadline)
-        self._close_files()
         return sorted(p for p in survivors if p != self.pid)
 
     def _survivors(self) -> list[int]:
@@ -143,51 +138,32 @@ class Child:
             await anyio.sleep(0.02)
         log.warning("child.group_not_empty", instance=self.name, pgid=self.pid)
 
-    def _close_files(self) -> None:
-        for handle in self._files:
-            handle.close()
-        self._files.clear()
-
 
 async def spawn(
     name: str,
     argv: tuple[str, ...],
     env: Mapping[str, str],
-    log_dir: Path,
     cpus: tuple[int, ...] = (),
 ) -> Child:
-    """Start ``argv`` in a new session with stdout/stderr appended to files.
+    """Start ``argv`` in a new session, its stdout and stderr on pipes.
 
-    The files are ``<log_dir>/<name>.stdout.log`` and ``<name>.stderr.log``;
-    each start writes a header line to both so runs can be told apart. With
+    The caller pumps ``child.process.stdout``/``stderr`` into the log. With
     ``cpus``, the process is pinned to those cores right after the spawn;
     processes and threads it creates later inherit the mask (a thread started
     in the first instants of the exec could escape it: none does in vLLM).
 
     Raises:
-        OSError: when the program cannot be executed (missing, not executable).
+        OSError: when the program cannot be executed (missing, not
+            executable) or a CPU in ``cpus`` does not exist.
     """
-    log_dir.mkdir(parents=True, exist_ok=True)
-    files: list[IO[Any]] = [
-        open(log_dir / f"{name}.{stream}.log", "ab", buffering=0)  # noqa: SIM115
-        for stream in ("stdout", "stderr")
-    ]
-    header = f"===== {time.strftime('%Y-%m-%dT%H:%M:%S%z')} start {name}\n".encode()
-    for handle in files:
-        handle.write(header)
-    try:
-        process = await anyio.open_process(
-            list(argv),
-            stdin=subprocess.DEVNULL,
-            stdout=files[0],
-            stderr=files[1],
-            env=child_environment(env),
-            start_new_session=True,
-        )
-    except BaseException:
-        for handle in files:
-            handle.close()
-        raise
+    process = await anyio.open_process(
+        list(argv),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=child_environment(env),
+        start_new_session=True,
+    )
     if cpus:
         try:
             os.sched_setaffinity(process.pid, cpus)
@@ -197,7 +173,5 @@ async def spawn(
             # No such CPU here: do not leave an unpinned process running.
             os.killpg(process.pid, signal.SIGKILL)
             await process.wait()
-            for handle in files:
-                handle.close()
             raise
-    return Child(name, process, time.monotonic(), time.time(), _files=files)
+    return Child(name, process, time.monotonic(), time.time())

@@ -25,9 +25,12 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 __all__ = [
     "PLACEHOLDERS",
+    "CheckConfig",
     "DaemonConfig",
     "EngineConfig",
     "InstanceSlot",
+    "LogConfig",
+    "ProbeConfig",
     "ProxyConfig",
     "RestartConfig",
     "RoleConfig",
@@ -99,9 +102,55 @@ class DaemonConfig:
     control: str
     events: str
     stop_timeout: float = 30.0
-    probe_period: float = 0.5
-    probe_timeout: float = 2.0
-    health_period: float = 5.0
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """Kubernetes-style probes of each instance's ``/health``.
+
+    Start-up: every ``startup_period`` until healthy or the role's
+    ``startup_timeout``. Readiness: after start-up, every
+    ``readiness_period``; ``readiness_failures`` failures in a row take the
+    instance out of the proxy (state ``unready``) without restarting it, and
+    ``readiness_successes`` in a row bring it back. Liveness: every
+    ``liveness_period``; ``liveness_failures`` in a row restart it. Canary:
+    every ``canary_period`` seconds (0 disables it) a one-token request goes
+    through the proxy to each prefill/decode pair; a failing pair is reported
+    as broken.
+    """
+
+    timeout: float = 2.0
+    startup_period: float = 0.5
+    readiness_period: float = 5.0
+    readiness_failures: int = 1
+    readiness_successes: int = 1
+    liveness_period: float = 10.0
+    liveness_failures: int = 3
+    canary_period: float = 0.0
+    canary_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """Per-instance log files: ``<log_dir>/<name>.log``, rotated by size."""
+
+    max_bytes: int = 50 * 1024 * 1024
+    backups: int = 5
+
+
+@dataclass(frozen=True)
+class CheckConfig:
+    """Pre-start checks run before every start of an engine.
+
+    ``device_command``, when set, runs once per device with ``{device}``
+    substituted; exit status 0 means the device is free, anything else means
+    it is held, and its output is shown as the reason (e.g. a wrapper around
+    an ``npu-smi`` process query).
+    """
+
+    ports: bool = True
+    devices: bool = True
+    device_command: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -193,6 +242,9 @@ class Topology:
     decode: RoleConfig
     proxy: ProxyConfig
     restart: RestartConfig
+    probes: ProbeConfig = field(default_factory=ProbeConfig)
+    logs: LogConfig = field(default_factory=LogConfig)
+    checks: CheckConfig = field(default_factory=CheckConfig)
 
     def role(self, role: str) -> RoleConfig:
         """Return the config of ``role`` ("prefill" or "decode").
@@ -451,9 +503,6 @@ def _read_daemon(top: _Table, source: Path) -> DaemonConfig:
         control=t.text("control", f"ipc://{run_dir}/control.sock"),
         events=t.text("events", f"ipc://{run_dir}/events.sock"),
         stop_timeout=t.seconds("stop_timeout", 30.0),
-        probe_period=t.seconds("probe_period", 0.5),
-        probe_timeout=t.seconds("probe_timeout", 2.0),
-        health_period=t.seconds("health_period", 5.0),
     )
     for key in ("control", "events"):
         endpoint = getattr(config, key)
@@ -639,6 +688,54 @@ def _read_proxy(top: _Table) -> ProxyConfig:
     return config
 
 
+def _read_probes(top: _Table) -> ProbeConfig:
+    t = top.table("probes")
+    d = ProbeConfig()
+    config = ProbeConfig(
+        timeout=t.seconds("timeout", d.timeout),
+        startup_period=t.seconds("startup_period", d.startup_period),
+        readiness_period=t.seconds("readiness_period", d.readiness_period),
+        readiness_failures=t.integer("readiness_failures", d.readiness_failures, 1),
+        readiness_successes=t.integer("readiness_successes", d.readiness_successes, 1),
+        liveness_period=t.seconds("liveness_period", d.liveness_period),
+        liveness_failures=t.integer("liveness_failures", d.liveness_failures, 1),
+        canary_period=t.seconds("canary_period", d.canary_period),
+        canary_timeout=t.seconds("canary_timeout", d.canary_timeout),
+    )
+    for key in ("startup_period", "readiness_period", "liveness_period", "timeout"):
+        if getattr(config, key) == 0:
+            t.error(key, "must be greater than 0")
+    t.check_unknown()
+    return config
+
+
+def _read_logs(top: _Table) -> LogConfig:
+    t = top.table("logs")
+    d = LogConfig()
+    config = LogConfig(
+        max_bytes=t.integer("max_bytes", d.max_bytes, 1024),
+        backups=t.integer("backups", d.backups, 0),
+    )
+    t.check_unknown()
+    return config
+
+
+def _read_checks(top: _Table) -> CheckConfig:
+    t = top.table("checks")
+    is_bool = (lambda v: isinstance(v, bool), "true or false")
+    config = CheckConfig(
+        ports=t.get("ports", *is_bool, True),
+        devices=t.get("devices", *is_bool, True),
+        device_command=t.str_list("device_command", ()),
+    )
+    if config.device_command and not any(
+        "{device}" in token for token in config.device_command
+    ):
+        t.error("device_command", "must contain a {device} placeholder")
+    t.check_unknown()
+    return config
+
+
 def _read_restart(top: _Table) -> RestartConfig:
     t = top.table("restart")
     config = RestartConfig(
@@ -717,6 +814,9 @@ def loads(text: str, source: Path | str = "<string>") -> Topology:
         decode=_read_role(top, "decode"),
         proxy=_read_proxy(top),
         restart=_read_restart(top),
+        probes=_read_probes(top),
+        logs=_read_logs(top),
+        checks=_read_checks(top),
     )
     model.check_unknown()
     top.check_unknown()

@@ -21,8 +21,9 @@ import zmq
 import zmq.asyncio
 
 from pdsupervisord import __version__, protocol
-from pdsupervisord.errors import ScaleError
+from pdsupervisord.errors import ConfigError, PlanError, ScaleError
 from pdsupervisord.events import Event, encode
+from pdsupervisord.logfiles import tail
 from pdsupervisord.protocol import ErrorCode, ProtocolError, Request
 from pdsupervisord.supervisor import Supervisor, UnknownInstanceError
 
@@ -167,6 +168,10 @@ class ControlServer:
             return protocol.error_reply(request.id, ErrorCode.UNKNOWN_INSTANCE, message)
         except ScaleError as exc:
             return protocol.error_reply(request.id, ErrorCode.SCALE, str(exc))
+        except (ConfigError, PlanError) as exc:
+            return protocol.error_reply(request.id, ErrorCode.INVALID_CONFIG, str(exc))
+        except FileNotFoundError as exc:
+            return protocol.error_reply(request.id, ErrorCode.NOT_FOUND, str(exc))
         except Exception as exc:  # a bug must cost one reply, not the daemon
             log.exception("control.handler_failed", command=request.command)
             return protocol.error_reply(request.id, ErrorCode.INTERNAL, repr(exc))
@@ -258,6 +263,27 @@ async def _scale(server: ControlServer, request: Request) -> Any:
         raise ProtocolError(ErrorCode.BAD_ARGS, "'role' must be prefill or decode")
     count = _arg(request, "count", int)
     return await server.supervisor.scale(role, count, _wait(request))
+
+
+@command("reset")
+async def _reset(server: ControlServer, request: Request) -> Any:
+    return await server.supervisor.reset(_arg(request, "name", str), _wait(request))
+
+
+@command("reload")
+async def _reload(server: ControlServer, request: Request) -> Any:
+    return await server.supervisor.reload_file(_wait(request))
+
+
+@command("tail")
+async def _tail(server: ControlServer, request: Request) -> Any:
+    instance = server.supervisor.get(_arg(request, "name", str))
+    lines = _arg(request, "lines", int, 50)
+    if not 0 <= lines <= 10_000:
+        raise ProtocolError(ErrorCode.BAD_ARGS, "'lines' must be within 0..10000")
+    path = instance.log_file.path
+    found = await anyio.to_thread.run_sync(tail, path, lines)
+    return {"name": instance.name, "path": str(path), "lines": found}
 
 
 @command("version")

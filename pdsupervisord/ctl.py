@@ -51,10 +51,17 @@ def _parser() -> argparse.ArgumentParser:
         ("start", "start an instance"),
         ("stop", "stop an instance (drained from the proxy first)"),
         ("restart", "stop then start an instance"),
+        ("reset", "clear fatal/exited and start again"),
     ):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("name")
         _add_wait(cmd)
+
+    reload = sub.add_parser("reload", help="re-read the topology file and apply it")
+    _add_wait(reload)
+    tail = sub.add_parser("tail", help="last lines of an instance's log")
+    tail.add_argument("name")
+    tail.add_argument("-n", "--lines", type=int, default=50)
 
     sub.add_parser("shutdown", help="stop everything and exit the daemon")
     sub.add_parser("version", help="daemon and protocol version")
@@ -92,12 +99,14 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any], float]:
     """Map parsed arguments to (command, args, reply timeout)."""
     if args.command == "status":
         return "status", ({"name": args.name} if args.name else {}), args.timeout
-    if args.command in ("start", "stop", "restart", "scale"):
-        body: dict[str, Any] = (
-            {"role": args.role, "count": args.count}
-            if args.command == "scale"
-            else {"name": args.name}
-        )
+    if args.command == "tail":
+        return "tail", {"name": args.name, "lines": args.lines}, args.timeout
+    if args.command in ("start", "stop", "restart", "reset", "scale", "reload"):
+        body: dict[str, Any] = {}
+        if args.command == "scale":
+            body = {"role": args.role, "count": args.count}
+        elif args.command != "reload":
+            body = {"name": args.name}
         if args.no_wait:
             return args.command, body, args.timeout
         body["wait"] = args.wait_timeout
@@ -135,8 +144,17 @@ def _render(command: str, result: Any, as_json: bool) -> str:
         return json.dumps(result, indent=2)
     if command == "status":
         return format_status(result["instances"])
-    if command in ("start", "stop", "restart"):
+    if command in ("start", "stop", "restart", "reset"):
         return format_status([result])
+    if command == "tail":
+        return "\n".join(result["lines"])
+    if command == "reload":
+        return (
+            "\n".join(
+                f"{key}: {', '.join(names)}" for key, names in result.items() if names
+            )
+            or "nothing to change"
+        )
     if command == "scale":
         added = ", ".join(result["added"]) or "-"
         removed = ", ".join(result["removed"]) or "-"

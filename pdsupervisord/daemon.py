@@ -1,18 +1,25 @@
 """``pdsupervisord``: the daemon's entry point.
 
 Parses arguments, loads the topology, configures logging (the only place that
-does), then runs the supervisor and the control server in one anyio task
-group until SIGTERM, SIGINT or a ``shutdown`` command.
+does), takes the run directory's lock, kills whatever a crashed predecessor
+left behind, then runs the supervisor and the control server in one anyio
+task group until SIGTERM, SIGINT or a ``shutdown`` command. Speaks systemd's
+notify protocol when started with ``Type=notify``.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
+import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import IO
 
 import anyio
 import structlog
@@ -22,10 +29,14 @@ from pdsupervisord import __version__
 from pdsupervisord import config as config_module
 from pdsupervisord.config import Topology
 from pdsupervisord.control import ControlServer, EndpointRefusedError
-from pdsupervisord.errors import ConfigError, PlanError
+from pdsupervisord.errors import ConfigError, PdsError, PlanError
 from pdsupervisord.events import EventBus
 from pdsupervisord.plan import initial_plan, plan_to_json, render_shell
+from pdsupervisord.sdnotify import Notifier
+from pdsupervisord.statefile import StateFile, kill_leftovers
 from pdsupervisord.supervisor import Supervisor
+
+STATE_FILE = "state.json"
 
 __all__ = ["configure_logging", "main"]
 
@@ -110,55 +121,127 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 async def _serve(topo: Topology) -> int:
     """Run until asked to stop; returns the exit code."""
-    topo.daemon.run_dir.mkdir(parents=True, exist_ok=True)
-    topo.daemon.log_dir.mkdir(parents=True, exist_ok=True)
-    bus = EventBus()
-    supervisor = Supervisor(topo, bus)
-    stop = anyio.Event()
-    server = ControlServer(
-        supervisor, topo.daemon.control, topo.daemon.events, stop.set
-    )
+    daemon = topo.daemon
+    daemon.run_dir.mkdir(parents=True, exist_ok=True)
+    daemon.log_dir.mkdir(parents=True, exist_ok=True)
     try:
-        server.bind()
-    except (EndpointRefusedError, zmq.ZMQError) as exc:
-        log.error("daemon.bind_failed", endpoint=topo.daemon.control, error=str(exc))
+        lock = _lock_run_dir(daemon.run_dir)
+    except RunDirBusyError as exc:
+        log.error("daemon.already_running", run_dir=str(daemon.run_dir), error=str(exc))
         return EXIT_RUNTIME
-    bus.subscribe(server.publish)
-    log.info(
-        "daemon.started",
-        version=__version__,
-        config=str(topo.source),
-        control=topo.daemon.control,
-        events=topo.daemon.events,
-    )
 
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(server.serve)
-            tg.start_soon(_watch_signals, stop)
-            await tg.start(supervisor.run)
-            await stop.wait()
-            await supervisor.shutdown()
-            tg.cancel_scope.cancel()
-    finally:
-        server.close()
+    with lock:
+        leftovers = kill_leftovers(daemon.run_dir / STATE_FILE)
+        bus = EventBus()
+        state = StateFile(daemon.run_dir / STATE_FILE)
+        supervisor = Supervisor(topo, bus, state)
+        stop = anyio.Event()
+        server = ControlServer(supervisor, daemon.control, daemon.events, stop.set)
+        try:
+            server.bind()
+        except (EndpointRefusedError, zmq.ZMQError) as exc:
+            log.error("daemon.bind_failed", endpoint=daemon.control, error=str(exc))
+            return EXIT_RUNTIME
+        bus.subscribe(server.publish)
+        notifier = Notifier()
+        bus.subscribe(lambda _: notifier.send(STATUS=supervisor.summary()))
+        log.info(
+            "daemon.started",
+            version=__version__,
+            config=str(topo.source),
+            control=daemon.control,
+            events=daemon.events,
+        )
+        if leftovers:
+            bus.emit("daemon.leftovers_killed", reason="previous_run", killed=leftovers)
+        try:
+            await _run(supervisor, server, notifier, stop)
+        finally:
+            server.close()
+        state.remove()
     log.info("daemon.stopped")
     return EXIT_OK
 
 
-async def _watch_signals(stop: anyio.Event) -> None:
-    """SIGTERM/SIGINT stop the daemon; SIGHUP is logged and ignored for now."""
-    with anyio.open_signal_receiver(
-        signal.SIGTERM, signal.SIGINT, signal.SIGHUP
-    ) as signals:
+async def _run(
+    supervisor: Supervisor, server: ControlServer, notifier: Notifier, stop: anyio.Event
+) -> None:
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(server.serve)
+        tg.start_soon(_watch_signals, supervisor, notifier, stop)
+        if notifier.watchdog_interval:
+            tg.start_soon(_watchdog, notifier, notifier.watchdog_interval)
+        await tg.start(supervisor.run)
+        tg.start_soon(_notify_ready, supervisor, notifier)
+        await stop.wait()
+        notifier.send(STOPPING=1, STATUS="stopping")
+        await supervisor.shutdown()
+        tg.cancel_scope.cancel()
+
+
+async def _notify_ready(supervisor: Supervisor, notifier: Notifier) -> None:
+    """READY=1 once the control socket is up and the topology has started."""
+    await supervisor.ready_event.wait()
+    notifier.send(READY=1, STATUS=supervisor.summary())
+
+
+async def _watchdog(notifier: Notifier, interval: float) -> None:
+    """Ping systemd's watchdog from the event loop: a wedged loop stops pinging."""
+    while True:
+        notifier.send(WATCHDOG=1)
+        await anyio.sleep(interval)
+
+
+class RunDirBusyError(PdsError):
+    """Raised when another daemon holds the run directory's lock."""
+
+
+def _lock_run_dir(run_dir: Path) -> IO[str]:
+    """Take the run directory's lock so two daemons never share one topology.
+
+    Raises:
+        RunDirBusyError: naming the pid of the daemon holding it.
+    """
+    handle = open(run_dir / "pdsupervisord.lock", "a+")  # noqa: SIM115 - held for the run
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        raise RunDirBusyError(
+            f"another pdsupervisord (pid {holder}) is running with this run_dir"
+        ) from None
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+async def _watch_signals(
+    supervisor: Supervisor, notifier: Notifier, stop: anyio.Event
+) -> None:
+    """SIGTERM/SIGINT stop; SIGHUP reloads the topology; SIGUSR2 reopens logs."""
+    signals_wanted = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
+    with anyio.open_signal_receiver(*signals_wanted) as signals:
         async for signum in signals:
+            name = signal.Signals(signum).name
+            log.info("daemon.signal", signal=name)
             if signum == signal.SIGHUP:
-                # Reloading the topology is not implemented yet; ignoring
-                # SIGHUP keeps a terminal hang-up from killing the daemon.
-                log.warning("daemon.reload_unsupported", signal="SIGHUP")
-                continue
-            log.info("daemon.signal", signal=signal.Signals(signum).name)
-            stop.set()
+                await _reload(supervisor, notifier)
+            elif signum == signal.SIGUSR2:
+                supervisor.reopen_logs()
+            else:
+                stop.set()
+
+
+async def _reload(supervisor: Supervisor, notifier: Notifier) -> None:
+    notifier.send(RELOADING=1, MONOTONIC_USEC=time.monotonic_ns() // 1000)
+    try:
+        await supervisor.reload_file()
+    except (ConfigError, PlanError) as exc:
+        log.error("daemon.reload_rejected", error=str(exc))
+    notifier.send(READY=1, STATUS=supervisor.summary())
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ class ErrorCode:
     BAD_ARGS = "bad_args"  # missing or wrongly typed arguments
     UNKNOWN_INSTANCE = "unknown_instance"
     SCALE = "scale"  # outside min..max, or the pool is exhausted
+    INVALID_CONFIG = "invalid_config"  # reload: the topology file is invalid
+    NOT_FOUND = "not_found"  # e.g. tail of an instance that never logged
     SHUTTING_DOWN = "shutting_down"
     INTERNAL = "internal"  # a bug in the daemon; the daemon keeps running
 

@@ -14,15 +14,20 @@ class State(str, enum.Enum):
 
     ``starting``: spawned, start-up probe not yet passed.
     ``ready``: healthy and (for engines) in the proxy's rotation.
-    ``backoff``: died or failed to start; waiting before the next attempt.
+    ``unready``: running but failing its readiness probe; out of rotation,
+    not restarted (the liveness probe decides that).
+    ``backoff``: died, failed a pre-start check or failed to start; waiting
+    before the next attempt.
     ``stopping``: a stop was asked for; draining, then signalling the group.
     ``stopped``: stopped on request; stays down until started.
     ``exited``: ended on its own and the policy says not to restart it.
-    ``fatal``: crash loop (too many restarts in the window); needs a start.
+    ``fatal``: crash loop (too many restarts in the window); needs a start
+    or a reset.
     """
 
     STARTING = "starting"
     READY = "ready"
+    UNREADY = "unready"
     BACKOFF = "backoff"
     STOPPING = "stopping"
     STOPPED = "stopped"
@@ -30,20 +35,26 @@ class State(str, enum.Enum):
     FATAL = "fatal"
 
 
+_DOWN_TO = frozenset(
+    {State.STARTING, State.STOPPED, State.BACKOFF, State.EXITED, State.FATAL}
+)
+_RUNNING_TO = frozenset({State.BACKOFF, State.STOPPING, State.EXITED, State.FATAL})
+
 _ALLOWED: dict[State, frozenset[State]] = {
-    State.STOPPED: frozenset({State.STARTING}),
-    State.STARTING: frozenset(
-        {State.READY, State.BACKOFF, State.STOPPING, State.EXITED, State.FATAL}
-    ),
-    State.READY: frozenset({State.BACKOFF, State.STOPPING, State.EXITED, State.FATAL}),
-    State.BACKOFF: frozenset({State.STARTING, State.STOPPED, State.STOPPING}),
+    # From a state without a process, a start attempt either spawns
+    # (starting) or fails its pre-start checks (backoff/exited/fatal).
+    State.STOPPED: _DOWN_TO - {State.STOPPED},
+    State.BACKOFF: _DOWN_TO | {State.STOPPING},
+    State.EXITED: _DOWN_TO,
+    State.FATAL: _DOWN_TO,
+    State.STARTING: _RUNNING_TO | {State.READY},
+    State.READY: _RUNNING_TO | {State.UNREADY},
+    State.UNREADY: _RUNNING_TO | {State.READY},
     State.STOPPING: frozenset({State.STOPPED}),
-    State.EXITED: frozenset({State.STARTING, State.STOPPED}),
-    State.FATAL: frozenset({State.STARTING, State.STOPPED}),
 }
 
 #: States in which the instance has (or may have) a live process.
-RUNNING_STATES = frozenset({State.STARTING, State.READY, State.STOPPING})
+RUNNING_STATES = frozenset({State.STARTING, State.READY, State.UNREADY, State.STOPPING})
 
 
 class IllegalTransitionError(RuntimeError):

@@ -3,11 +3,14 @@
 Ordering rules: prefill and decode instances are independent and start
 concurrently; the proxy starts once at least one of each is ready, and is
 stopped before them. Instances enter the proxy's rotation when they become
-ready and leave it before they are stopped or as soon as they die.
+ready and leave it before they are stopped or as soon as they die or turn
+unready. A proxy that restarts is given the current rotation again.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -15,13 +18,18 @@ import anyio
 import anyio.abc
 import structlog
 
+from pdsupervisord import config as config_module
 from pdsupervisord import plan as planner
+from pdsupervisord import preflight
+from pdsupervisord.child import Child
 from pdsupervisord.config import Topology
-from pdsupervisord.errors import ScaleError
+from pdsupervisord.errors import ConfigError, PlanError, ScaleError
 from pdsupervisord.events import Event, EventBus
-from pdsupervisord.instance import Instance
+from pdsupervisord.instance import Instance, Settings
+from pdsupervisord.logfiles import RotatingLog
 from pdsupervisord.membership import TOKEN_ENV, ProxyMembership
 from pdsupervisord.probes import http_ok, port_open
+from pdsupervisord.statefile import StateFile
 from pdsupervisord.states import State
 
 __all__ = ["Supervisor", "UnknownInstanceError"]
@@ -30,6 +38,7 @@ log = structlog.get_logger("pdsupervisord.supervisor")
 
 ENGINE_ROLES = ("prefill", "decode")
 DOWN_STATES = (State.STOPPED, State.EXITED, State.FATAL)
+SERVING = (State.READY,)
 
 
 class UnknownInstanceError(KeyError):
@@ -39,14 +48,16 @@ class UnknownInstanceError(KeyError):
 class Supervisor:
     """Runs the topology; every public coroutine is safe to call concurrently."""
 
-    def __init__(self, topo: Topology, bus: EventBus) -> None:
+    def __init__(
+        self, topo: Topology, bus: EventBus, state: StateFile | None = None
+    ) -> None:
         self.topo = topo
         self.bus = bus
         self.instances: dict[str, Instance] = {}
+        self.state_file = state
         self._tg: anyio.abc.TaskGroup | None = None
         self._session: aiohttp.ClientSession | None = None
         self._membership: ProxyMembership | None = None
-        self._proxy_started = False
         self._shutting_down = False
         self._scale_lock = anyio.Lock()
         self._changed = anyio.Event()
@@ -77,22 +88,26 @@ class Supervisor:
                 tg.start_soon(self._start_proxy_when_ready)
                 task_status.started()
 
+    def _settings(self) -> Settings:
+        topo = self.topo
+        return Settings(topo.restart, topo.probes, topo.daemon.stop_timeout)
+
     def _add_engine(self, role: str, index: int) -> Instance:
-        spec = planner.engine_spec(self.topo, role, index)
-        return self._add(spec)
+        return self._add(planner.engine_spec(self.topo, role, index))
 
     def _add(
         self, spec: planner.InstanceSpec, env: dict[str, str] | None = None
     ) -> Instance:
-        daemon = self.topo.daemon
+        logs = self.topo.logs
+        log_file = RotatingLog(
+            self.topo.daemon.log_dir / f"{spec.name}.log", logs.max_bytes, logs.backups
+        )
         instance = Instance(
             spec,
             self,
-            restart=self.topo.restart,
+            settings=self._settings(),
             bus=self.bus,
-            log_dir=daemon.log_dir,
-            stop_timeout=daemon.stop_timeout,
-            probe_period=daemon.probe_period,
+            log_file=log_file,
             env_extra=env,
         )
         self.instances[spec.name] = instance
@@ -102,7 +117,10 @@ class Supervisor:
         return instance
 
     async def _run_instance(self, instance: Instance) -> None:
-        await instance.run()
+        try:
+            await instance.run()
+        finally:
+            instance.log_file.close()
         if instance.removed and self.instances.get(instance.name) is instance:
             del self.instances[instance.name]  # scaled down: its slot is free again
 
@@ -112,14 +130,16 @@ class Supervisor:
             await self._changed.wait()
         if self._shutting_down:
             return
-        members = {role: [i.spec for i in self.engines(role)] for role in ENGINE_ROLES}
-        spec = planner.proxy_spec(self.topo, members["prefill"], members["decode"])
+        spec = self._proxy_spec(self.topo)
         if spec is not None:
             assert self._membership is not None
-            self._proxy_started = True
             self._add(spec, env={TOKEN_ENV: self._membership.token})
         self.ready_event.set()
         self.bus.emit("daemon.topology_started", reason="initial")
+
+    def _proxy_spec(self, topo: Topology) -> planner.InstanceSpec | None:
+        members = {role: [i.spec for i in self.engines(role)] for role in ENGINE_ROLES}
+        return planner.proxy_spec(topo, members["prefill"], members["decode"])
 
     def _any_ready(self, role: str) -> bool:
         return any(i.state is State.READY for i in self.engines(role))
@@ -129,17 +149,31 @@ class Supervisor:
         found = [i for i in self.instances.values() if i.spec.role == role]
         return sorted(found, key=lambda i: i.spec.index)
 
+    def summary(self) -> str:
+        """One line for systemd's STATUS=: ``2/2 prefill, 1/1 decode, proxy ready``."""
+        parts = []
+        for role in ENGINE_ROLES:
+            members = [i for i in self.engines(role) if not i.removed]
+            ready = sum(i.state is State.READY for i in members)
+            parts.append(f"{ready}/{len(members)} {role}")
+        proxy = self.instances.get("proxy")
+        parts.append(f"proxy {proxy.state.value}" if proxy else "proxy not started")
+        return ", ".join(parts)
+
     # ---------------------------------------------------------------- hooks
 
-    async def probe(self, instance: Instance) -> bool:
-        """Start-up probe: ``/health`` 200 for engines, port open for the proxy."""
-        spec, daemon = instance.spec, self.topo.daemon
+    async def probe(self, instance: Instance, kind: str) -> bool:
+        """``/health`` 200 for engines; the proxy's port accepting connections."""
+        spec, timeout = instance.spec, self.topo.probes.timeout
         if spec.role == "proxy":
-            return await port_open(spec.host, spec.port, daemon.probe_timeout)
+            return await port_open(spec.host, spec.port, timeout)
         assert self._session is not None
-        return await http_ok(
-            self._session, spec.host, spec.port, "/health", daemon.probe_timeout
-        )
+        return await http_ok(self._session, spec.host, spec.port, "/health", timeout)
+
+    async def preflight(self, instance: Instance) -> list[preflight.Problem]:
+        """Ports and devices free? Runs in a thread (psutil scans block)."""
+        spec, checks = instance.spec, self.topo.checks
+        return await anyio.to_thread.run_sync(preflight.check_instance, spec, checks)
 
     async def on_ready(self, instance: Instance) -> None:
         """Add a ready engine to the proxy; resend membership to a new proxy."""
@@ -160,6 +194,15 @@ class Supervisor:
         await self._membership.remove(
             instance.spec.role, instance.spec.address, timeout
         )
+
+    def on_tree(self, instance: Instance, child: Child | None) -> None:
+        """Keep the state file in step with the processes we own."""
+        if self.state_file is None:
+            return
+        if child is None:
+            self.state_file.forget(instance.name)
+        else:
+            self.state_file.record(instance.name, child.pid, child.known)
 
     async def _sync_membership(self) -> None:
         """Give a (re)started proxy the current rotation: ready in, others out."""
@@ -184,22 +227,36 @@ class Supervisor:
         except KeyError:
             raise UnknownInstanceError(name) from None
 
-    def status(self) -> list[dict[str, Any]]:
-        """One entry per instance, prefill then decode then proxy."""
+    def select(self, target: str) -> list[Instance]:
+        """Instances named ``target``, or all of role ``target``.
+
+        Raises:
+            UnknownInstanceError: when nothing matches.
+        """
+        if target in self.instances:
+            return [self.instances[target]]
+        found = [i for i in self.ordered() if i.spec.role == target]
+        if not found:
+            raise UnknownInstanceError(target)
+        return found
+
+    def ordered(self) -> list[Instance]:
+        """Instances in status order: prefill, decode, proxy; by index."""
         order = {"prefill": 0, "decode": 1, "proxy": 2}
-        ordered = sorted(
+        return sorted(
             self.instances.values(), key=lambda i: (order[i.spec.role], i.spec.index)
         )
-        return [i.status() for i in ordered]
+
+    def status(self) -> list[dict[str, Any]]:
+        """One entry per instance, prefill then decode then proxy."""
+        return [i.status() for i in self.ordered()]
 
     async def start(self, name: str, wait: float = 0.0) -> dict[str, Any]:
-        """Start a stopped, exited or fatal instance."""
+        """Start a stopped, exited or fatal instance (clears its crash loop)."""
         instance = self.get(name)
         await instance.start().wait()
         if wait:
-            await instance.wait_for(
-                lambda s: s is State.READY or s in DOWN_STATES, wait
-            )
+            await instance.wait_for(_settled, wait)
         return instance.status()
 
     async def stop(self, name: str, wait: float = 0.0) -> dict[str, Any]:
@@ -213,17 +270,18 @@ class Supervisor:
     async def restart(self, name: str, wait: float = 0.0) -> dict[str, Any]:
         """Stop then start an instance."""
         instance = self.get(name)
-        before = instance.pid
         await instance.restart().wait()
         if wait:
-            await instance.wait_for(
-                lambda s: (
-                    (s is State.READY and instance.pid != before)
-                    or s in (State.EXITED, State.FATAL)
-                ),
-                wait,
-            )
+            await instance.wait_for(_settled, wait)
         return instance.status()
+
+    async def reset(self, name: str, wait: float = 0.0) -> dict[str, Any]:
+        """Clear ``fatal`` (or ``exited``): forget the crash loop and start again.
+
+        Raises:
+            ScaleError: never; a running instance is left alone.
+        """
+        return await self.start(name, wait)
 
     async def scale(self, role: str, count: int, wait: float = 0.0) -> dict[str, Any]:
         """Run ``count`` instances of ``role``: add from the pool or drain and stop.
@@ -245,8 +303,9 @@ class Supervisor:
                 changed = self._scale_up(role, count - len(current))
             else:
                 changed = self._scale_down(current, len(current) - count)
+        self.bus.emit("daemon.scaled", reason="commanded", role=role, count=count)
         if wait:
-            await self._wait_scaled(changed, wait)
+            await self._wait_settled(changed, wait)
         return {
             "role": role,
             "count": count,
@@ -267,19 +326,117 @@ class Supervisor:
             instance.retire()
         return victims
 
-    async def _wait_scaled(self, changed: list[Instance], timeout: float) -> None:
+    async def _wait_settled(self, changed: list[Instance], timeout: float) -> None:
         async with anyio.create_task_group() as tg:
             for instance in changed:
-                if instance.removed:
-                    tg.start_soon(
-                        instance.wait_for, lambda s: s is State.STOPPED, timeout
-                    )
+                done: Callable[[State], bool] = (
+                    (lambda s: s is State.STOPPED) if instance.removed else _settled
+                )
+                tg.start_soon(instance.wait_for, done, timeout)
+
+    # --------------------------------------------------------------- reload
+
+    def plan_reload(self, new: Topology) -> dict[str, list[str]]:
+        """Compare the running topology with ``new``; pure, changes nothing."""
+        diff: dict[str, list[str]] = {
+            "unchanged": [],
+            "restart": [],
+            "remove": [],
+            "add": [],
+            "ignored": [],
+        }
+        for role in ENGINE_ROLES:
+            running = [i for i in self.engines(role) if not i.removed]
+            config = new.role(role)
+            count = max(config.min, min(len(running), config.max, len(config.slots)))
+            for instance in running:
+                if instance.spec.index >= count:
+                    diff["remove"].append(instance.name)
+                elif (
+                    planner.engine_spec(new, role, instance.spec.index) == instance.spec
+                ):
+                    diff["unchanged"].append(instance.name)
                 else:
-                    tg.start_soon(
-                        instance.wait_for,
-                        lambda s: s is State.READY or s in (State.EXITED, State.FATAL),
-                        timeout,
-                    )
+                    diff["restart"].append(instance.name)
+            present = {i.spec.index for i in running}
+            diff["add"] += [f"{role}-{n}" for n in range(count) if n not in present]
+        proxy = self.instances.get("proxy")
+        if proxy is not None:
+            same = self._proxy_spec(new) == self._proxy_spec(self.topo)
+            diff["unchanged" if same else "restart"].append("proxy")
+        diff["ignored"] = _daemon_changes(self.topo, new)
+        return diff
+
+    async def reload(self, new: Topology, wait: float = 0.0) -> dict[str, list[str]]:
+        """Apply ``new``: keep unchanged instances, roll changed ones one at a
+        time, drain and stop removed ones, start new ones.
+
+        Settings the daemon cannot change while running (endpoints, run and
+        log directories) are listed under ``ignored`` and need a restart.
+        """
+        diff = self.plan_reload(new)
+        self.topo = dataclasses.replace(new, daemon=self.topo.daemon)
+        settings = self._settings()
+        for instance in self.instances.values():
+            instance._settings = settings
+        self.bus.emit("daemon.reloading", reason="commanded", changes=diff)
+        assert self._tg is not None
+        done = anyio.Event()
+        self._tg.start_soon(self._apply_reload, diff, done)
+        if wait:
+            with anyio.move_on_after(wait):
+                await done.wait()
+        return diff
+
+    async def _apply_reload(
+        self, diff: dict[str, list[str]], done: anyio.Event
+    ) -> None:
+        for name in diff["remove"]:
+            self.instances[name].retire("reloaded")
+        for name in diff["add"]:
+            role, _, index = name.rpartition("-")
+            self._add_engine(role, int(index))
+        for name in diff["restart"]:
+            instance = self.instances[name]
+            spec = (
+                self._proxy_spec(self.topo)
+                if name == "proxy"
+                else planner.engine_spec(
+                    self.topo, instance.spec.role, instance.spec.index
+                )
+            )
+            await instance.restart(spec).wait()
+            timeout = (
+                spec.startup_timeout + self.topo.daemon.stop_timeout if spec else 0
+            )
+            await instance.wait_for(_settled, timeout)
+        self.bus.emit("daemon.reloaded", reason="commanded")
+        done.set()
+
+    async def reload_file(self, wait: float = 0.0) -> dict[str, list[str]]:
+        """Re-read the topology file and apply it (SIGHUP and ``reload``).
+
+        Raises:
+            ConfigError: when the file is invalid; nothing is changed.
+            PlanError: when it cannot be planned; nothing is changed.
+        """
+        try:
+            new = config_module.load(self.topo.source)
+            planner.initial_plan(new)
+        except (ConfigError, PlanError) as exc:
+            self.bus.emit(
+                "daemon.reload_failed", reason="invalid_config", error=str(exc)
+            )
+            raise
+        return await self.reload(new, wait)
+
+    def reopen_logs(self) -> None:
+        """Reopen every instance's log file (after an external logrotate)."""
+        for instance in self.instances.values():
+            instance.log_file.reopen()
+        self.bus.emit("daemon.logs_reopened", reason="signal")
+
+    # ------------------------------------------------------------- shutdown
 
     async def shutdown(self) -> None:
         """Stop the proxy, then every engine concurrently; returns when all are down."""
@@ -300,3 +457,20 @@ class Supervisor:
 
     def _stop_budget(self) -> float:
         return self.topo.daemon.stop_timeout + 15.0
+
+
+def _settled(state: State) -> bool:
+    """Ready, or given up on (exited, fatal): the caller waits no longer.
+
+    Not ``stopped``: a restart passes through it on its way up.
+    """
+    return state in (State.READY, State.EXITED, State.FATAL)
+
+
+def _daemon_changes(old: Topology, new: Topology) -> list[str]:
+    """Daemon settings that only a restart applies."""
+    return [
+        f"daemon.{f.name}"
+        for f in dataclasses.fields(old.daemon)
+        if getattr(old.daemon, f.name) != getattr(new.daemon, f.name)
+    ]

@@ -68,7 +68,11 @@ TOPOLOGY = """
 run_dir = "{tmp}/run"
 log_dir = "{tmp}/log"
 stop_timeout = 5
-probe_period = 0.05
+
+[probes]
+startup_period = 0.05
+readiness_period = 0.5
+liveness_period = 0.5
 
 [model]
 path = "/model/Qwen2.5-VL-7B-Instruct"
@@ -161,11 +165,8 @@ class Topo:
         )
 
     def log(self, name: str) -> str:
-        return "".join(
-            (self.tmp / "log" / f"{name}.{stream}.log").read_text(errors="replace")
-            for stream in ("stdout", "stderr")
-            if (self.tmp / "log" / f"{name}.{stream}.log").exists()
-        )
+        path = self.tmp / "log" / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
 
     @property
     def proxy_url(self) -> str:

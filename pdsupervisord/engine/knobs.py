@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pdsupervisord.engine.errors import EngineConfigError
 
-__all__ = ["Knobs", "load_knobs"]
+__all__ = ["Knobs", "load_knobs", "lock_dir"]
 
 
 @dataclass(frozen=True)
@@ -37,17 +37,25 @@ class Knobs:
     death_exit_seconds: float
 
 
+def lock_dir(env: Mapping[str, str]) -> Path:
+    """Where the device lock files live for an engine with environment ``env``.
+
+    The supervisor's pre-start check uses this too, so both sides agree.
+    """
+    default = Path(tempfile.gettempdir()) / "pdsupervisord-engine-locks"
+    return Path(env.get("PDSD_ENGINE_LOCK_DIR") or default)
+
+
 def load_knobs(env: Mapping[str, str]) -> Knobs:
     """Read the knobs from ``env``, applying the documented defaults.
 
     Raises:
         EngineConfigError: When a value is not a finite non-negative number.
     """
-    default_lock_dir = Path(tempfile.gettempdir()) / "pdsupervisord-engine-locks"
     return Knobs(
         load_seconds=_seconds(env, "PDSD_ENGINE_LOAD_SECONDS", 1.0),
         token_seconds=_seconds(env, "PDSD_ENGINE_TOKEN_SECONDS", 0.0),
-        lock_dir=Path(env.get("PDSD_ENGINE_LOCK_DIR") or default_lock_dir),
+        lock_dir=lock_dir(env),
         kv_timeout=_seconds(env, "PDSD_ENGINE_KV_TIMEOUT", 120.0),
         death_exit_seconds=_seconds(env, "PDSD_ENGINE_DEATH_EXIT_SECONDS", 5.0),
     )
