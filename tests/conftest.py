@@ -174,12 +174,23 @@ class Topo:
 
 
 def write_topology(
-    tmp: Path, load: float = 0.3, token: float = 0.0, extra: str = ""
+    tmp: Path,
+    load: float = 0.3,
+    token: float = 0.0,
+    extra: str = "",
+    replace: dict[str, str] | None = None,
 ) -> Topo:
-    """Write a 1P1D stand-in topology with a pool of two more P."""
+    """Write a 1P1D stand-in topology with a pool of two more P.
+
+    ``extra`` is appended (new tables); ``replace`` maps text of the template
+    to its replacement (to change a key already there).
+    """
     names = ["p0", "p1", "p2", "d0", "proxy", "r0", "r1", "r2", "rd"]
     ports = dict(zip(names, free_ports(len(names)), strict=True))
     text = TOPOLOGY.format(tmp=tmp, load=load, token=token, extra=extra, **ports)
+    for old, new in (replace or {}).items():
+        assert old in text, old
+        text = text.replace(old, new)
     path = tmp / "topology.toml"
     path.write_text(text)
     return Topo(path, tmp, ports, f"ipc://{tmp}/run/control.sock")
