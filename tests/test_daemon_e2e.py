@@ -260,7 +260,9 @@ def test_shutdown_command_stops_the_daemon(daemon: Daemon, topo: Topo) -> None:
 
 def test_instance_cpus_pin_the_process_tree(tmp_path: Path) -> None:
     topo = write_topology(tmp_path)
-    text = topo.path.read_text().replace("devices = [1]\n", "devices = [1]\ncpus = [0]\n")
+    text = topo.path.read_text().replace(
+        "devices = [1]\n", "devices = [1]\ncpus = [0]\n"
+    )
     topo.path.write_text(text)
     daemon = start_daemon(topo)
     try:
