@@ -237,6 +237,11 @@ async def _status(server: ControlServer, request: Request) -> Any:
             "version": __version__,
             "config": str(server.supervisor.topo.source),
             "uptime": time.time() - server.started_at,
+            "summary": server.supervisor.summary(),
+            "broken_pairs": [
+                {"prefill": p, "decode": d, "error": error}
+                for (p, d), error in server.supervisor.broken_pairs.items()
+            ],
         },
     }
 

@@ -18,9 +18,9 @@ import anyio
 import anyio.abc
 import structlog
 
+from pdsupervisord import canary, preflight
 from pdsupervisord import config as config_module
 from pdsupervisord import plan as planner
-from pdsupervisord import preflight
 from pdsupervisord.child import Child
 from pdsupervisord.config import Topology
 from pdsupervisord.errors import ConfigError, PlanError, ScaleError
@@ -62,6 +62,8 @@ class Supervisor:
         self._scale_lock = anyio.Lock()
         self._changed = anyio.Event()
         self.ready_event = anyio.Event()
+        #: Pairs the canary found broken: (prefill, decode) -> error.
+        self.broken_pairs: dict[tuple[str, str], str] = {}
         bus.subscribe(self._on_event)
 
     def _on_event(self, event: Event) -> None:
@@ -86,6 +88,7 @@ class Supervisor:
                     for index in range(self.topo.role(role).count):
                         self._add_engine(role, index)
                 tg.start_soon(self._start_proxy_when_ready)
+                tg.start_soon(self._canary_loop)
                 task_status.started()
 
     def _settings(self) -> Settings:
@@ -136,6 +139,60 @@ class Supervisor:
             self._add(spec, env={TOKEN_ENV: self._membership.token})
         self.ready_event.set()
         self.bus.emit("daemon.topology_started", reason="initial")
+
+    async def _canary_loop(self) -> None:
+        """Every ``canary_period``, try each ready P/D pair through the proxy."""
+        while True:
+            period = self.topo.probes.canary_period
+            await anyio.sleep(period if period > 0 else 5.0)
+            proxy = self.instances.get("proxy")
+            builtin = self.topo.proxy.kind == "builtin"
+            if period > 0 and builtin and proxy and proxy.state is State.READY:
+                await self._canary_round()
+
+    async def _canary_round(self) -> None:
+        assert self._session is not None and self._membership is not None
+        topo = self.topo
+        pairs = [
+            canary.Pair(p.name, p.spec.address, d.name, d.spec.address)
+            for p in self.engines("prefill")
+            for d in self.engines("decode")
+            if p.state is State.READY and d.state is State.READY
+        ]
+        model = topo.served_name or topo.model_path
+        proxy = (topo.proxy.host, topo.proxy.port)
+        for pair in pairs:
+            error = await canary.check_pair(
+                self._session,
+                proxy,
+                token=self._membership.token,
+                model=model,
+                pair=pair,
+                timeout=topo.probes.canary_timeout,
+            )
+            self._canary_result(pair, error)
+
+    def _canary_result(self, pair: canary.Pair, error: str | None) -> None:
+        key = (pair.prefill, pair.decode)
+        was_broken = key in self.broken_pairs
+        if error is not None:
+            self.broken_pairs[key] = error
+            if not was_broken:
+                self.bus.emit(
+                    "daemon.pair_broken",
+                    reason="canary_failed",
+                    prefill=pair.prefill,
+                    decode=pair.decode,
+                    error=error,
+                )
+        elif was_broken:
+            del self.broken_pairs[key]
+            self.bus.emit(
+                "daemon.pair_recovered",
+                reason="canary_passed",
+                prefill=pair.prefill,
+                decode=pair.decode,
+            )
 
     def _proxy_spec(self, topo: Topology) -> planner.InstanceSpec | None:
         members = {role: [i.spec for i in self.engines(role)] for role in ENGINE_ROLES}

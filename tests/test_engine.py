@@ -982,3 +982,36 @@ def _chunk_text(chunk: dict[str, Any]) -> str:
 def _body_text(body: dict[str, Any]) -> str:
     choice = body["choices"][0]
     return str(choice["message"]["content"] if "message" in choice else choice["text"])
+
+
+def test_kv_link_down_fails_the_pull_while_health_stays_200(
+    launcher: Launcher, pd_pair: tuple[Engine, Engine]
+) -> None:
+    """A broken P→D link is invisible to /health (facts §5): fault kv_link_down."""
+    _, decode = pd_pair
+    broken = launcher.start(
+        "--served-model-name",
+        "qwen25vl",
+        "--kv-transfer-config",
+        llmdd_config("kv_producer"),
+        env={
+            "ASCEND_RT_VISIBLE_DEVICES": "5",
+            "HCCL_IF_IP": "127.0.0.1",
+            "VLLM_ASCEND_LLMDD_RPC_PORT": str(free_port()),
+            "PDSD_ENGINE_FAULT": "kv_link_down",
+        },
+    )
+    broken.wait_healthy()
+    headers = {"X-Request-Id": "link-down-1"}
+    body = {**CHAT, "max_tokens": 4}
+
+    params = broken.post("/v1/chat/completions", prefill_leg(body), headers).json()
+    answer = decode.post(
+        "/v1/chat/completions",
+        {**body, "kv_transfer_params": params["kv_transfer_params"]},
+        headers,
+    )
+    assert answer.status == 500
+    broken.wait_event("kv.link_down")
+    decode.wait_event("kv.pull_failed", request_id="link-down-1")
+    assert broken.health() == 200

@@ -579,3 +579,43 @@ def test_systemd_unit_is_type_notify_and_verifies(tmp_path: Path) -> None:
     )
     problems = [line for line in done.stderr.splitlines() if str(local) in line]
     assert done.returncode == 0 and not problems, done.stderr
+
+
+# ------------------------------------------------------------------------ canary
+
+
+def test_canary_marks_a_broken_pair_that_health_cannot_see(tmp_path: Path) -> None:
+    topo = write_topology(
+        tmp_path,
+        replace={"liveness_period = 0.5": "liveness_period = 0.5\ncanary_period = 0.3"},
+        extra='[prefill.env]\nPDSD_ENGINE_FAULT = "kv_link_down"\n',
+    )
+    with running(topo) as daemon:
+        daemon.wait_ready()
+
+        def broken() -> list[dict[str, Any]]:
+            return topo.call("status")["daemon"]["broken_pairs"]  # type: ignore[no-any-return]
+
+        pairs = wait_until(broken, 20, "the canary to find the broken link")
+        assert pairs[0]["prefill"] == "prefill-0" and pairs[0]["decode"] == "decode-0"
+        assert "HTTP 5" in pairs[0]["error"]
+        status = topo.status()
+        assert status["prefill-0"]["state"] == "ready"  # /health still says fine
+        assert any(e["event"] == "daemon.pair_broken" for e in events(topo))
+
+
+def test_canary_passes_on_a_healthy_pair(tmp_path: Path) -> None:
+    topo = write_topology(
+        tmp_path,
+        replace={"liveness_period = 0.5": "liveness_period = 0.5\ncanary_period = 0.3"},
+    )
+    with running(topo) as daemon:
+        daemon.wait_ready()
+        for name in ("prefill-0", "decode-0"):
+            wait_until(
+                lambda n=name: "pdsupervisord-canary-" in topo.log(n),
+                20,
+                f"a canary request on {name}",
+            )
+        assert topo.call("status")["daemon"]["broken_pairs"] == []
+        assert not any(e["event"] == "daemon.pair_broken" for e in events(topo))

@@ -146,6 +146,7 @@ def _engine_spec(settings: Settings) -> EngineSpec:
         kv_host=channel.host if channel else None,
         kv_ports=channel.ports if channel else (),
         setsid=settings.faults.engine_setsid,
+        link_down=settings.faults.kv_link_down,
     )
 
 

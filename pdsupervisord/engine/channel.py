@@ -55,6 +55,7 @@ class EngineSpec:
         kv_host: Side-channel host, None when there is no KV connector.
         kv_ports: Side-channel ports, one per tensor-parallel rank.
         setsid: Leave the process group (fault ``engine_setsid``).
+        link_down: Drop every KV pull (fault ``kv_link_down``).
     """
 
     devices: tuple[str, ...]
@@ -64,6 +65,7 @@ class EngineSpec:
     kv_host: str | None
     kv_ports: tuple[int, ...]
     setsid: bool
+    link_down: bool = False
 
     def to_message(self) -> dict[str, Any]:
         """The spec as a channel message."""
@@ -85,6 +87,7 @@ class EngineSpec:
                 kv_host=message["kv_host"],
                 kv_ports=tuple(int(p) for p in message["kv_ports"]),
                 setsid=bool(message["setsid"]),
+                link_down=bool(message.get("link_down", False)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ChannelError(f"invalid engine spec: {exc!r}") from exc

@@ -142,7 +142,9 @@ class EngineCore:
         if host is None:
             return []
         try:
-            servers = await serve_side_channel(self._store, host, ports)
+            servers = await serve_side_channel(
+                self._store, host, ports, link_down=self._spec.link_down
+            )
         except OSError as exc:
             # LLMDataDist hangs here instead of exiting (facts §3); so does
             # the stand-in, and the supervisor's start-up deadline must fire.

@@ -14,6 +14,8 @@ failure a supervisor or proxy must survive:
                        stopping its engine child (left holding locks and ports)
 ``engine_setsid``      the engine child leaves the process group (``setsid``)
 ``reuseport``          bind the API socket with ``SO_REUSEPORT`` (older vLLM)
+``kv_link_down``       the KV side channel drops every pull: a broken P→D link
+                       that ``/health`` does not see (facts §5)
 =====================  =====================================================
 
 An unknown entry is an error rather than ignored: a misspelt switch would
@@ -38,6 +40,7 @@ _FLAGS = (
     "orphan_engine",
     "engine_setsid",
     "reuseport",
+    "kv_link_down",
 )
 _COUNTS = ("exit_after", "die_midstream")
 
@@ -54,6 +57,7 @@ class Faults:
     orphan_engine: bool = False
     engine_setsid: bool = False
     reuseport: bool = False
+    kv_link_down: bool = False
 
     @property
     def active(self) -> tuple[str, ...]:
@@ -93,6 +97,7 @@ def parse_faults(env: Mapping[str, str]) -> Faults:
         health_503="health_503" in flags,
         orphan_engine="orphan_engine" in flags,
         engine_setsid="engine_setsid" in flags,
+        kv_link_down="kv_link_down" in flags,
         reuseport="reuseport" in flags,
     )
 

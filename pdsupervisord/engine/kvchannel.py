@@ -31,9 +31,12 @@ _log: FilteringBoundLogger = structlog.get_logger("engine.kv")
 
 
 async def serve_side_channel(
-    store: KVStore, host: str, ports: Sequence[int]
+    store: KVStore, host: str, ports: Sequence[int], link_down: bool = False
 ) -> list[asyncio.Server]:
     """Listen on every port of the side channel.
+
+    With ``link_down`` (fault ``kv_link_down``) every connection is dropped
+    unanswered, as over a broken P→D network path.
 
     Returns:
         The listening servers.
@@ -47,7 +50,10 @@ async def serve_side_channel(
         for port in ports:
             servers.append(
                 await asyncio.start_server(
-                    lambda r, w: _serve_peer(store, r, w), host, port, limit=LINE_LIMIT
+                    lambda r, w: _serve_peer(store, r, w, link_down),
+                    host,
+                    port,
+                    limit=LINE_LIMIT,
                 )
             )
     except OSError:
@@ -104,9 +110,16 @@ async def _exchange(
 
 
 async def _serve_peer(
-    store: KVStore, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    store: KVStore,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    link_down: bool = False,
 ) -> None:
     peer = writer.get_extra_info("peername")
+    if link_down:
+        _log.warning("kv.link_down", peer=str(peer))
+        writer.close()
+        return
     try:
         while (message := await read_message(reader)) is not None:
             writer.write(encode(_answer(store, message, peer)))

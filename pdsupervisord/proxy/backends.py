@@ -344,18 +344,23 @@ class Pool:
         return sum(1 for b in self._backends.values() if b.state is state)
 
     def acquire(
-        self, weight: int = 0, exclude: frozenset[Address] = frozenset()
+        self,
+        weight: int = 0,
+        exclude: frozenset[Address] = frozenset(),
+        only: Address | None = None,
     ) -> Lease | None:
         """Pick the eligible backend with the least outstanding work.
 
         Args:
             weight: work this request adds (prompt bytes for prefillers).
             exclude: addresses already tried for this request.
+            only: when set, the one backend this request is pinned to (the
+                supervisor's canary tests one prefill/decode pair at a time).
 
         Returns:
             A lease on the chosen backend, or None when none is eligible.
         """
-        candidates = self._candidates(exclude)
+        candidates = self._candidates(exclude, only)
         if not candidates:
             return None
 
@@ -369,15 +374,21 @@ class Pool:
         backend.load += weight
         return Lease(self, backend, weight, trial)
 
-    def has_eligible(self, exclude: frozenset[Address] = frozenset()) -> bool:
+    def has_eligible(
+        self, exclude: frozenset[Address] = frozenset(), only: Address | None = None
+    ) -> bool:
         """Whether `acquire` with this exclusion would find a backend now."""
-        return bool(self._candidates(exclude))
+        return bool(self._candidates(exclude, only))
 
-    def _candidates(self, exclude: frozenset[Address]) -> list[Backend]:
+    def _candidates(
+        self, exclude: frozenset[Address], only: Address | None = None
+    ) -> list[Backend]:
         return [
             b
             for b in self._backends.values()
-            if b.address not in exclude and b.eligible()
+            if b.address not in exclude
+            and (only is None or b.address == only)
+            and b.eligible()
         ]
 
     def _release(self, backend: Backend, weight: int, trial: bool) -> None:

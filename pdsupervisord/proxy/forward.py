@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -44,6 +45,10 @@ from pdsupervisord.proxy.protocol import REQUEST_ID_HEADER, JSONObject
 from pdsupervisord.proxy.settings import ProxySettings
 
 __all__ = ["CLIENT_CLOSED", "Exchange", "Forwarder"]
+
+#: Headers that pin a request to one prefiller / one decoder (admin only).
+PIN_PREFILL = "X-PD-Prefill"
+PIN_DECODE = "X-PD-Decode"
 
 _log = structlog.get_logger("pdsupervisord.proxy")
 
@@ -98,7 +103,13 @@ class Exchange:
 class _Attempts:
     """Retry bookkeeping of one request: budget, tried backends, last failure."""
 
-    def __init__(self, settings: ProxySettings, metrics: ProxyMetrics) -> None:
+    def __init__(
+        self,
+        settings: ProxySettings,
+        metrics: ProxyMetrics,
+        pins: dict[Role, Address] | None = None,
+    ) -> None:
+        self.pins = pins or {}
         self._left = settings.max_retries
         self._delay = settings.retry_delay
         self._metrics = metrics
@@ -111,6 +122,10 @@ class _Attempts:
     def exclude(self, role: Role) -> frozenset[Address]:
         """Backends of this role not to pick again for this request."""
         return frozenset(self._tried[role])
+
+    def only(self, role: Role) -> Address | None:
+        """The backend this request is pinned to for ``role``, if any."""
+        return self.pins.get(role)
 
     async def failed(self, failure: AttemptError) -> None:
         """Record a failure and wait before the retry.
@@ -321,15 +336,42 @@ class Forwarder:
             ex.error = exc.kind.value
             return self._error(ex, exc.status, exc.error_type, exc.message)
 
+    def _pins(self, request: web.Request) -> dict[Role, Address]:
+        """Backends named by the ``X-PD-Prefill``/``X-PD-Decode`` headers.
+
+        Only callers holding the admin token may pin (the supervisor's canary
+        tests each pair this way); anyone else gets 403.
+
+        Raises:
+            BadRequestError: for a pin without the token or a bad address.
+        """
+        pins: dict[Role, Address] = {}
+        for role, header in ((Role.PREFILL, PIN_PREFILL), (Role.DECODE, PIN_DECODE)):
+            if header in request.headers:
+                try:
+                    pins[role] = Address.parse(request.headers[header])
+                except ValueError as exc:
+                    raise BadRequestError(400, str(exc)) from None
+        if pins and not self._may_pin(request):
+            raise BadRequestError(403, "pinning a backend needs the admin X-API-Key")
+        return pins
+
+    def _may_pin(self, request: web.Request) -> bool:
+        token = self._settings.admin_token
+        presented = request.headers.get("X-API-Key", "")
+        return token is not None and hmac.compare_digest(
+            presented.encode(), token.encode()
+        )
+
     async def _forward(
         self, request: web.Request, body: JSONObject, ex: Exchange
     ) -> web.StreamResponse:
-        attempts = _Attempts(self._settings, self._metrics)
+        attempts = _Attempts(self._settings, self._metrics, self._pins(request))
         while True:
             # A prefill with no decoder to take it would pin KV blocks on the
             # prefiller until its abort timeout, for nothing.
             decoders = attempts.exclude(Role.DECODE)
-            if not self._decode_pool.has_eligible(decoders):
+            if not self._decode_pool.has_eligible(decoders, attempts.only(Role.DECODE)):
                 raise attempts.nothing_left(self._decode_pool)
             kv_params, kv_done = await self._prefill(body, ex, attempts)
             payload = _encode(protocol.decode_body(body, kv_params))
@@ -349,7 +391,11 @@ class Forwarder:
         payload = _encode(protocol.prefill_body(body))
         while True:
             pool = self._prefill_pool
-            lease = pool.acquire(len(payload), attempts.exclude(Role.PREFILL))
+            lease = pool.acquire(
+                len(payload),
+                attempts.exclude(Role.PREFILL),
+                attempts.only(Role.PREFILL),
+            )
             if lease is None:
                 raise attempts.nothing_left(pool)
 
@@ -415,7 +461,9 @@ class Forwarder:
     async def _decode(
         self, request: web.Request, payload: bytes, ex: Exchange, attempts: _Attempts
     ) -> web.StreamResponse:
-        lease = self._decode_pool.acquire(exclude=attempts.exclude(Role.DECODE))
+        lease = self._decode_pool.acquire(
+            exclude=attempts.exclude(Role.DECODE), only=attempts.only(Role.DECODE)
+        )
         if lease is None:
             raise attempts.nothing_left(self._decode_pool)
 
