@@ -9,10 +9,12 @@ ever sees a half-valid topology.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import re
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -25,6 +27,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 __all__ = [
     "PLACEHOLDERS",
+    "AscendConfig",
     "CheckConfig",
     "DaemonConfig",
     "EngineConfig",
@@ -35,6 +38,7 @@ __all__ = [
     "RestartConfig",
     "RoleConfig",
     "Topology",
+    "key_lines",
     "load",
     "loads",
 ]
@@ -102,6 +106,10 @@ class DaemonConfig:
     control: str
     events: str
     stop_timeout: float = 30.0
+    control_group: str | None = None
+    allow_tcp_loopback: bool = False
+    curve_secret_key: Path | None = None
+    curve_authorized_keys: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -177,6 +185,9 @@ class InstanceSlot:
     env: Mapping[str, str] = field(default_factory=dict)
     cpus: tuple[int, ...] = ()
     from_pool: bool = False
+    device_ips: tuple[str, ...] = ()
+    super_device_ids: tuple[str, ...] = ()
+    super_pod_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -228,6 +239,27 @@ class RestartConfig:
 
 
 @dataclass(frozen=True)
+class AscendConfig:
+    """Ascend NPU hosts: where the NPU tools are, rank table and pre-flight.
+
+    ``chip`` selects how device IPs are read: ``A2`` from ``hccn_tool -ip``,
+    ``A3`` from ``hccn_tool -vnic`` plus ``super_pod_id``/``super_device_id``
+    from ``npu-smi``. ``generate_ranktable`` and ``preflight`` make the daemon
+    write the rank table and run the NPU network checks before its first
+    start. ``npus_per_node`` sizes the Mooncake transfer engine's port range.
+    """
+
+    chip: Literal["A2", "A3"] = "A2"
+    hccn_tool: str = "hccn_tool"
+    npu_smi: str = "npu-smi"
+    hccn_conf: Path = Path("/etc/hccn.conf")
+    generate_ranktable: bool = False
+    preflight: bool = False
+    npus_per_node: int = 8
+    tool_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
 class Topology:
     """A validated topology: everything the planner and supervisor need."""
 
@@ -245,6 +277,7 @@ class Topology:
     probes: ProbeConfig = field(default_factory=ProbeConfig)
     logs: LogConfig = field(default_factory=LogConfig)
     checks: CheckConfig = field(default_factory=CheckConfig)
+    ascend: AscendConfig = field(default_factory=AscendConfig)
 
     def role(self, role: str) -> RoleConfig:
         """Return the config of ``role`` ("prefill" or "decode").
@@ -503,13 +536,30 @@ def _read_daemon(top: _Table, source: Path) -> DaemonConfig:
         control=t.text("control", f"ipc://{run_dir}/control.sock"),
         events=t.text("events", f"ipc://{run_dir}/events.sock"),
         stop_timeout=t.seconds("stop_timeout", 30.0),
+        control_group=t.text("control_group", None),
+        allow_tcp_loopback=t.get(
+            "allow_tcp_loopback", lambda v: isinstance(v, bool), "true or false", False
+        ),
+        curve_secret_key=_optional_path(source, t.text("curve_secret_key", None)),
+        curve_authorized_keys=_optional_path(
+            source, t.text("curve_authorized_keys", None)
+        ),
     )
+    if (config.curve_secret_key is None) != (config.curve_authorized_keys is None):
+        t.error(
+            "curve_secret_key",
+            "CurveZMQ needs both curve_secret_key and curve_authorized_keys",
+        )
     for key in ("control", "events"):
         endpoint = getattr(config, key)
         if not endpoint.startswith(("ipc://", "tcp://")):
             t.error(key, f"must be an ipc:// or tcp:// endpoint, got {endpoint!r}")
     t.check_unknown()
     return config
+
+
+def _optional_path(source: Path, value: str | None) -> Path | None:
+    return None if value is None else _resolve(source, value)
 
 
 def _resolve(source: Path, value: str) -> Path:
@@ -571,7 +621,11 @@ def _read_slot(t: _Table, default_host: str) -> InstanceSlot:
         engine_id=t.text("engine_id", None),
         env=t.env("env"),
         cpus=t.int_list("cpus", ()),
+        device_ips=t.str_list("device_ips", ()),
+        super_device_ids=t.str_list("super_device_ids", ()),
+        super_pod_id=t.text("super_pod_id", None),
     )
+    _check_device_ips(t, slot)
     t.check_unknown()
     return slot
 
@@ -778,6 +832,57 @@ def _check_cross(top: _Table, topo: Topology) -> None:
         claim("port", topo.proxy.host, topo.proxy.port, "proxy", "proxy")
 
 
+def _check_device_ips(t: _Table, slot: InstanceSlot) -> None:
+    """Device IPs and super device ids given for another node's NPUs."""
+    for key in ("device_ips", "super_device_ids"):
+        values = getattr(slot, key)
+        if values and len(values) != len(slot.devices):
+            t.error(key, f"{len(values)} given for {len(slot.devices)} devices")
+    for address in slot.device_ips:
+        if not _is_ipv4(address):
+            t.error("device_ips", f"{address!r} is not an IPv4 address")
+
+
+def _is_ipv4(value: str) -> bool:
+    try:
+        ipaddress.IPv4Address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _read_ascend(top: _Table, source: Path) -> AscendConfig:
+    t = top.table("ascend")
+    chip = t.choice("chip", ("A2", "A3"), "A2")
+    flag = partial(t.get, check=lambda v: isinstance(v, bool), expected="a boolean")
+    config = AscendConfig(
+        chip=chip,  # type: ignore[arg-type]
+        hccn_tool=_tool_path(source, t.text("hccn_tool", "hccn_tool")),
+        npu_smi=_tool_path(source, t.text("npu_smi", "npu-smi")),
+        hccn_conf=_resolve(source, t.text("hccn_conf", "/etc/hccn.conf")),
+        generate_ranktable=flag("generate_ranktable", default=False),
+        preflight=flag("preflight", default=False),
+        npus_per_node=t.integer("npus_per_node", 16 if chip == "A3" else 8, 1),
+        tool_timeout=t.seconds("tool_timeout", 10.0),
+    )
+    t.check_unknown()
+    return config
+
+
+def _tool_path(source: Path, value: str) -> str:
+    """A bare program name is looked up on PATH; a path resolves like others."""
+    return str(_resolve(source, value)) if "/" in value else value
+
+
+def key_lines(text: str) -> Callable[[str], int | None]:
+    """Return a lookup from a dotted key path of TOML ``text`` to its line.
+
+    Checks that run after loading use it to point at the offending key; a
+    key that is not written in the file resolves to its nearest ancestor.
+    """
+    return _Locator(text).line
+
+
 def loads(text: str, source: Path | str = "<string>") -> Topology:
     """Parse and validate topology ``text``.
 
@@ -817,6 +922,7 @@ def loads(text: str, source: Path | str = "<string>") -> Topology:
         probes=_read_probes(top),
         logs=_read_logs(top),
         checks=_read_checks(top),
+        ascend=_read_ascend(top, source),
     )
     model.check_unknown()
     top.check_unknown()

@@ -25,7 +25,7 @@ import anyio
 import structlog
 import zmq
 
-from pdsupervisord import __version__
+from pdsupervisord import __version__, checks, tools
 from pdsupervisord import config as config_module
 from pdsupervisord.config import Topology
 from pdsupervisord.control import ControlServer, EndpointRefusedError
@@ -97,6 +97,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the daemon (or print the plan); returns the process exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in tools.COMMANDS:  # pdsupervisord ranktable|check ...
+        return tools.main(argv)
     args = _parser().parse_args(argv)
     try:
         topo = config_module.load(args.config)
@@ -132,14 +135,19 @@ async def _serve(topo: Topology) -> int:
 
     with lock:
         leftovers = kill_leftovers(daemon.run_dir / STATE_FILE)
+        # Topology checks, rank table and NPU pre-flight: before a 5-minute
+        # model load, not after it.
+        if not checks.log_findings(await checks.before_first_start(topo)):
+            log.error("daemon.refused", reason="preflight_failed")
+            return EXIT_CONFIG
         bus = EventBus()
         state = StateFile(daemon.run_dir / STATE_FILE)
         supervisor = Supervisor(topo, bus, state)
         stop = anyio.Event()
-        server = ControlServer(supervisor, daemon.control, daemon.events, stop.set)
+        server = ControlServer(supervisor, daemon, stop.set)
         try:
             server.bind()
-        except (EndpointRefusedError, zmq.ZMQError) as exc:
+        except (EndpointRefusedError, zmq.ZMQError, KeyError, OSError) as exc:
             log.error("daemon.bind_failed", endpoint=daemon.control, error=str(exc))
             return EXIT_RUNTIME
         bus.subscribe(server.publish)

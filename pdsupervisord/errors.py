@@ -5,6 +5,7 @@
     PdsError                      root of everything this package raises on purpose
     ├── ConfigError               the topology file is unreadable or invalid
     ├── PlanError                 a valid topology cannot be turned into commands
+    ├── AscendError               an NPU tool failed or a rank table cannot be made
     ├── ControlError              a control request failed (carries a wire error code)
     │   └── DaemonUnreachableError     no daemon answered within the deadline
     └── ScaleError                a scale request cannot be satisfied (pool, bounds)
@@ -58,6 +59,22 @@ class ConfigError(PdsError):
 
 class PlanError(PdsError):
     """Raised when a valid topology cannot be turned into instance commands."""
+
+
+class AscendError(PdsError):
+    """Raised when the NPU tools cannot answer or a rank table cannot be made.
+
+    ``hccn_tool`` or ``npu-smi`` missing, failing or timing out, a device whose
+    IP is unreadable (``-.-.-.-``), a missing ``/etc/hccn.conf``, or a rank
+    table that cannot be written. Every problem found is collected first.
+
+    Attributes:
+        problems: One message per problem, each naming the device or file.
+    """
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("\n".join(self.problems))
 
 
 class ScaleError(PdsError):

@@ -26,6 +26,7 @@ __all__ = [
     "connector_for",
     "engine_spec",
     "initial_plan",
+    "kv_port_base",
     "plan_to_json",
     "proxy_spec",
     "render_shell",
@@ -42,16 +43,71 @@ class Connector:
         rpc_env: Environment variable that carries the instance's RPC or side
             channel port base, or None when the connector has none.
         needs_ranktable: Whether a rank table path must be exported.
+        rpc_default: The base the engine falls back to when ``rpc_env`` is
+            unset (two such instances on one host collide).
+        prefill_roles: ``kv_role`` values it accepts for prefill (empty: any).
+        decode_roles: ``kv_role`` values it accepts for decode (empty: any).
+        devices_env: The variable that selects its devices, when it runs on
+            one kind of accelerator only.
+        unique_engine_id: Whether two instances must never share an
+            ``engine_id``.
+        kv_port_ranges: Whether each instance binds ``kv_port + dp_rank * tp +
+            tp_rank``, so the plan gives each instance its own range and fills
+            ``kv_connector_extra_config`` with both roles' dp and tp sizes.
+        reserved_base: First port of the range its transfer engine picks
+            random ports from (``npus_per_node * 1000`` ports long).
     """
 
     rpc_env: str | None = None
     needs_ranktable: bool = False
+    rpc_default: int | None = None
+    prefill_roles: tuple[str, ...] = ()
+    decode_roles: tuple[str, ...] = ()
+    devices_env: str | None = None
+    unique_engine_id: bool = False
+    kv_port_ranges: bool = False
+    reserved_base: int | None = None
 
 
+#: vLLM's KVTransferConfig default, the base of Mooncake ranges without kv_port.
+DEFAULT_KV_PORT = 14579
+
+_MOONCAKE = Connector(
+    prefill_roles=("kv_producer",),
+    decode_roles=("kv_consumer",),
+    unique_engine_id=True,
+    kv_port_ranges=True,
+    reserved_base=20000,
+)
+
+# Matched by substring, first match wins. vllm-ascend's Mooncake store/pool
+# connectors (MooncakeConnectorStoreV1, ...) do no P/D handoff and fall
+# through to the generic strategy.
 _CONNECTORS: tuple[tuple[str, Connector], ...] = (
-    ("LLMDataDist", Connector("VLLM_ASCEND_LLMDD_RPC_PORT", needs_ranktable=True)),
-    ("Nixl", Connector("VLLM_NIXL_SIDE_CHANNEL_PORT")),
-    ("Mooncake", Connector()),
+    (
+        "LLMDataDist",
+        Connector(
+            "VLLM_ASCEND_LLMDD_RPC_PORT",
+            needs_ranktable=True,
+            rpc_default=5557,
+            prefill_roles=("kv_producer",),
+            decode_roles=("kv_consumer",),
+            devices_env="ASCEND_RT_VISIBLE_DEVICES",
+        ),
+    ),
+    (
+        "Nixl",
+        Connector(
+            "VLLM_NIXL_SIDE_CHANNEL_PORT",
+            rpc_default=5600,
+            prefill_roles=("kv_producer", "kv_both"),
+            decode_roles=("kv_consumer", "kv_both"),
+            devices_env="CUDA_VISIBLE_DEVICES",
+            unique_engine_id=True,
+        ),
+    ),
+    ("MooncakeConnectorV1", _MOONCAKE),
+    ("MooncakeLayerwiseConnector", _MOONCAKE),
 )
 
 
@@ -154,15 +210,19 @@ def _scalar(
     return value
 
 
-def _kv_config(topo: Topology, role: RoleConfig, slot: InstanceSlot) -> dict[str, Any]:
+def _kv_config(topo: Topology, role: RoleConfig, index: int) -> dict[str, Any]:
     """Build the ``--kv-transfer-config`` object, kv_role placed as vLLM docs do."""
+    slot = role.slots[index]
     kv: dict[str, Any] = {}
     for key, value in topo.kv.items():
         kv[key] = value
         if key == "kv_buffer_device":
             kv["kv_role"] = role.kv_role
     kv.setdefault("kv_role", role.kv_role)
-    if slot.kv_port is not None:
+    if connector_for(topo.kv.get("kv_connector")).kv_port_ranges:
+        kv["kv_port"] = kv_port_base(topo, role.role, index)
+        kv["kv_connector_extra_config"] = _parallel_sizes(topo)
+    elif slot.kv_port is not None:
         kv["kv_port"] = slot.kv_port
     if slot.engine_id is not None:
         kv["engine_id"] = slot.engine_id
@@ -196,7 +256,7 @@ def engine_spec(topo: Topology, role_name: str, index: int) -> InstanceSpec:
     argv += [topo.model_path, "--host", topo.engine.host, "--port", str(slot.port)]
     argv += _expand(role.args if role.args is not None else topo.engine.args, values)
     if topo.kv:
-        kv = _kv_config(topo, role, slot)
+        kv = _kv_config(topo, role, index)
         argv += ["--kv-transfer-config", json.dumps(kv)]
 
     return InstanceSpec(
@@ -212,6 +272,62 @@ def engine_spec(topo: Topology, role_name: str, index: int) -> InstanceSpec:
         cpus=slot.cpus,
         startup_timeout=role.startup_timeout,
     )
+
+
+def kv_port_base(topo: Topology, role_name: str, index: int) -> int | None:
+    """First port of the instance's ``kv_port`` range, for ranged connectors.
+
+    The instance's own ``kv_port`` wins; otherwise ranges are laid out one
+    after the other from ``[kv] kv_port`` (vLLM's default when unset):
+    prefill slots first, then decode slots, each ``tp * dp`` ports wide.
+    Returns None when the connector does not bind a range per instance.
+
+    Raises:
+        PlanError: when a kv_port is not a port number.
+    """
+    if not connector_for(topo.kv.get("kv_connector")).kv_port_ranges:
+        return None
+    role = topo.role(role_name)
+    own = role.slots[index].kv_port
+    if own is not None:
+        return _port_number(own)
+    offset = index * role.tp * role.dp
+    if role_name == "decode":
+        prefill = topo.prefill
+        offset += len(prefill.slots) * prefill.tp * prefill.dp
+    return _port_number(topo.kv.get("kv_port", DEFAULT_KV_PORT)) + offset
+
+
+def _port_number(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise PlanError(f"kv_port {value!r} is not a port number") from None
+
+
+def _parallel_sizes(topo: Topology) -> dict[str, Any]:
+    """``kv_connector_extra_config`` with each role's dp and tp from the topology.
+
+    Other keys the operator wrote are kept; ``dp_size`` and ``tp_size`` always
+    follow ``[prefill]`` and ``[decode]`` so they cannot drift apart.
+
+    Raises:
+        PlanError: when the operator's value (or its role entries) is no table.
+    """
+    extra = _table(topo.kv.get("kv_connector_extra_config"), "")
+    for role in (topo.prefill, topo.decode):
+        sizes = _table(extra.get(role.role), f".{role.role}")
+        sizes.update(dp_size=role.dp, tp_size=role.tp)
+        extra[role.role] = sizes
+    return extra
+
+
+def _table(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise PlanError(f"kv_connector_extra_config{where} must be a table")
+    return dict(value)
 
 
 def _engine_env(topo: Topology, role: RoleConfig, slot: InstanceSlot) -> dict[str, str]:
