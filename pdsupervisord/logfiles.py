@@ -14,7 +14,7 @@ from pathlib import Path
 
 import anyio.abc
 
-__all__ = ["RotatingLog", "pump", "tail"]
+__all__ = ["RotatingLog", "pump", "read_from", "tail"]
 
 
 class RotatingLog:
@@ -113,3 +113,25 @@ def _tail_one(path: Path, lines: int, block: int = 64 * 1024) -> list[str]:
             end = start
     text = data.decode("utf-8", errors="replace").splitlines()
     return text[-lines:] if lines else []
+
+
+def read_from(
+    path: Path, offset: int, limit: int = 1024 * 1024
+) -> tuple[list[str], int]:
+    """Whole lines written to ``path`` since byte ``offset`` (``tail -f``).
+
+    Returns:
+        The lines and the offset to ask from next time. When the file is now
+        shorter than ``offset`` (it was rotated), reading starts again at 0.
+    """
+    try:
+        with open(path, "rb") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            start = offset if 0 <= offset <= size else 0
+            handle.seek(start)
+            data = handle.read(min(size - start, limit))
+    except FileNotFoundError:
+        return [], 0
+    cut = data.rfind(b"\n") + 1
+    text = data[:cut].decode("utf-8", errors="replace")
+    return text.splitlines(), start + cut

@@ -40,6 +40,7 @@ class ErrorCode:
     SCALE = "scale"  # outside min..max, or the pool is exhausted
     INVALID_CONFIG = "invalid_config"  # reload: the topology file is invalid
     NOT_FOUND = "not_found"  # e.g. tail of an instance that never logged
+    TIMEOUT = "timeout"  # wait: the state was not reached in time
     SHUTTING_DOWN = "shutting_down"
     INTERNAL = "internal"  # a bug in the daemon; the daemon keeps running
 

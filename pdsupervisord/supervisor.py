@@ -18,12 +18,12 @@ import anyio
 import anyio.abc
 import structlog
 
-from pdsupervisord import canary, preflight
+from pdsupervisord import canary, checks, preflight
 from pdsupervisord import config as config_module
 from pdsupervisord import plan as planner
 from pdsupervisord.child import Child
 from pdsupervisord.config import Topology
-from pdsupervisord.errors import ConfigError, PlanError, ScaleError
+from pdsupervisord.errors import ConfigError, ConfigIssue, PlanError, ScaleError
 from pdsupervisord.events import Event, EventBus
 from pdsupervisord.instance import Instance, Settings
 from pdsupervisord.logfiles import RotatingLog
@@ -32,7 +32,12 @@ from pdsupervisord.probes import http_ok, port_open
 from pdsupervisord.statefile import StateFile
 from pdsupervisord.states import State
 
-__all__ = ["Supervisor", "UnknownInstanceError"]
+__all__ = [
+    "Supervisor",
+    "UnknownInstanceError",
+    "scale_result",
+    "settle_predicate",
+]
 
 log = structlog.get_logger("pdsupervisord.supervisor")
 
@@ -62,6 +67,8 @@ class Supervisor:
         self._scale_lock = anyio.Lock()
         self._changed = anyio.Event()
         self.ready_event = anyio.Event()
+        self._reloaded = anyio.Event()
+        self._reloaded.set()
         #: Pairs the canary found broken: (prefill, decode) -> error.
         self.broken_pairs: dict[tuple[str, str], str] = {}
         bus.subscribe(self._on_event)
@@ -349,11 +356,27 @@ class Supervisor:
         Raises:
             ScaleError: when ``count`` is outside min..max or slots run out.
         """
+        changed = await self.rescale(role, count)
+        if wait:
+            await self.wait_settled(changed, wait)
+        return scale_result(role, count, changed)
+
+    def check_scale(self, role: str, count: int) -> None:
+        """Raise :class:`ScaleError` unless ``count`` is within min..max."""
         config = self.topo.role(role)
         if not config.min <= count <= config.max:
             raise ScaleError(
                 f"{role} count must be within {config.min}..{config.max}, got {count}"
             )
+
+    async def rescale(self, role: str, count: int) -> list[Instance]:
+        """Start or retire instances so ``count`` of ``role`` run; returns
+        the instances added or retired (not waiting for them).
+
+        Raises:
+            ScaleError: when ``count`` is outside min..max or slots run out.
+        """
+        self.check_scale(role, count)
         async with self._scale_lock:
             current = [i for i in self.engines(role) if not i.removed]
             if count > len(current):
@@ -361,14 +384,7 @@ class Supervisor:
             else:
                 changed = self._scale_down(current, len(current) - count)
         self.bus.emit("daemon.scaled", reason="commanded", role=role, count=count)
-        if wait:
-            await self._wait_settled(changed, wait)
-        return {
-            "role": role,
-            "count": count,
-            "added": [i.name for i in changed if not i.removed],
-            "removed": [i.name for i in changed if i.removed],
-        }
+        return changed
 
     def _scale_up(self, role: str, extra: int) -> list[Instance]:
         used = {i.spec.index for i in self.engines(role)}
@@ -383,7 +399,9 @@ class Supervisor:
             instance.retire()
         return victims
 
-    async def _wait_settled(self, changed: list[Instance], timeout: float) -> None:
+    async def wait_settled(self, changed: list[Instance], timeout: float) -> None:
+        """Wait until added instances are ready (or given up) and retired
+        ones stopped, at most ``timeout`` seconds."""
         async with anyio.create_task_group() as tg:
             for instance in changed:
                 done: Callable[[State], bool] = (
@@ -438,12 +456,18 @@ class Supervisor:
             instance._settings = settings
         self.bus.emit("daemon.reloading", reason="commanded", changes=diff)
         assert self._tg is not None
-        done = anyio.Event()
+        done = self._reloaded = anyio.Event()
         self._tg.start_soon(self._apply_reload, diff, done)
         if wait:
-            with anyio.move_on_after(wait):
-                await done.wait()
+            await self.wait_reloaded(wait)
         return diff
+
+    async def wait_reloaded(self, timeout: float) -> bool:
+        """Wait for the last reload to be fully applied; False on timeout."""
+        with anyio.move_on_after(timeout):
+            await self._reloaded.wait()
+            return True
+        return False
 
     async def _apply_reload(
         self, diff: dict[str, list[str]], done: anyio.Event
@@ -480,6 +504,7 @@ class Supervisor:
         try:
             new = config_module.load(self.topo.source)
             planner.initial_plan(new)
+            _raise_errors(await checks.before_first_start(new))
         except (ConfigError, PlanError) as exc:
             self.bus.emit(
                 "daemon.reload_failed", reason="invalid_config", error=str(exc)
@@ -514,6 +539,30 @@ class Supervisor:
 
     def _stop_budget(self) -> float:
         return self.topo.daemon.stop_timeout + 15.0
+
+
+def _raise_errors(findings: list[checks.Finding]) -> None:
+    """Turn the topology checks' errors into a :class:`ConfigError`."""
+    errors = [f for f in findings if f.severity == "error"]
+    if errors:
+        raise ConfigError(
+            [ConfigIssue(f.file, f.line, f.key, f.message) for f in errors]
+        )
+
+
+def scale_result(role: str, count: int, changed: list[Instance]) -> dict[str, Any]:
+    """The ``scale`` reply: what was added and what removed."""
+    return {
+        "role": role,
+        "count": count,
+        "added": [i.name for i in changed if not i.removed],
+        "removed": [i.name for i in changed if i.removed],
+    }
+
+
+def settle_predicate(verb: str) -> Callable[[State], bool]:
+    """When a ``start``/``stop``/``restart``/``reset`` counts as done."""
+    return (lambda s: s is State.STOPPED) if verb == "stop" else _settled
 
 
 def _settled(state: State) -> bool:
