@@ -114,14 +114,18 @@ class Client(_Requests):
             curve.apply(self._sock)
         self._sock.connect(endpoint)
 
-    def call(self, command: str, timeout: float | None = None, **args: Any) -> Any:
+    def call(
+        self, command: str, *, reply_timeout: float | None = None, **args: Any
+    ) -> Any:
         """Send ``command`` with ``args``; return the result.
+
+        ``reply_timeout`` overrides the client's default deadline for this call.
 
         Raises:
             DaemonUnreachableError: when no reply arrives in time.
             ControlError: when the daemon replies with an error.
         """
-        wait = self.timeout if timeout is None else timeout
+        wait = self.timeout if reply_timeout is None else reply_timeout
         request_id = self.next_id()
         self._sock.send_multipart([b"", encode_request(request_id, command, args)])
         deadline = time.monotonic() + wait
@@ -165,7 +169,7 @@ class AsyncClient(_Requests):
         self._sock.connect(endpoint)
 
     async def call(
-        self, command: str, timeout: float | None = None, **args: Any
+        self, command: str, *, reply_timeout: float | None = None, **args: Any
     ) -> Any:
         """Send ``command`` and await its result.
 
@@ -173,7 +177,7 @@ class AsyncClient(_Requests):
             DaemonUnreachableError: when no reply arrives in time.
             ControlError: when the daemon replies with an error.
         """
-        wait = self.timeout if timeout is None else timeout
+        wait = self.timeout if reply_timeout is None else reply_timeout
         request_id = self.next_id()
         await self._sock.send_multipart(
             [b"", encode_request(request_id, command, args)]

@@ -148,11 +148,11 @@ class Topo:
         return Client(self.endpoint, timeout=timeout)
 
     def call(self, command: str, **args: Any) -> Any:
-        with self.client(timeout=args.pop("timeout", 30.0)) as client:
+        with self.client(timeout=args.pop("reply_timeout", 30.0)) as client:
             return client.call(command, **args)
 
     def status(self, timeout: float = 30.0) -> dict[str, dict[str, Any]]:
-        instances = self.call("status", timeout=timeout)["instances"]
+        instances = self.call("status", reply_timeout=timeout)["instances"]
         return {e["name"]: e for e in instances}
 
     def ctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
