@@ -17,6 +17,6 @@ def test_every_export_exists_and_has_a_docstring() -> None:
 
 def test_star_import_gives_exactly_the_exports() -> None:
     namespace: dict[str, object] = {}
-    exec("from pdsupervisord import *", namespace)  # noqa: S102 - the API under test
+    exec("from pdsupervisord import *", namespace)
     exported = {name for name in namespace if name != "__builtins__"}
     assert exported == set(pdsupervisord.__all__)
