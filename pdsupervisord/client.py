@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import zmq
 import zmq.asyncio
@@ -75,6 +75,30 @@ class CurveKeys:
         sock.curve_secretkey = self.client_secret
 
 
+_B = TypeVar("_B", bound="_Blocking")
+
+
+class _Blocking:
+    """Close-on-exit for the blocking socket wrappers."""
+
+    _sock: zmq.Socket[bytes]
+
+    def close(self) -> None:
+        """Close the socket."""
+        self._sock.close(0)
+
+    def __enter__(self: _B) -> _B:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
 class _Requests:
     """Shared request-id bookkeeping of both clients."""
 
@@ -95,7 +119,7 @@ class _Requests:
         raise ControlError(error.get("code", "unknown"), error.get("message", ""))
 
 
-class Client(_Requests):
+class Client(_Requests, _Blocking):
     """Blocking request/reply client.
 
     Args:
@@ -134,21 +158,6 @@ class Client(_Requests):
             if reply.get("id") == request_id:
                 return self.result(reply)
         raise DaemonUnreachableError(self.endpoint, wait)
-
-    def close(self) -> None:
-        """Close the socket."""
-        self._sock.close(0)
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 class AsyncClient(_Requests):
@@ -206,7 +215,7 @@ class AsyncClient(_Requests):
         self.close()
 
 
-class EventStream:
+class EventStream(_Blocking):
     """Iterate over the daemon's events (blocking), optionally by topic prefix.
 
     Each event is the JSON body as a dict (``seq``, ``time``, ``topic``,
@@ -246,21 +255,6 @@ class EventStream:
             event = self.next()
             if event is not None:
                 yield event
-
-    def close(self) -> None:
-        """Close the socket."""
-        self._sock.close(0)
-
-    def __enter__(self) -> EventStream:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _remaining_ms(deadline: float) -> int:
