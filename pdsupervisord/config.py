@@ -554,8 +554,25 @@ def _read_daemon(top: _Table, source: Path) -> DaemonConfig:
         endpoint = getattr(config, key)
         if not endpoint.startswith(("ipc://", "tcp://")):
             t.error(key, f"must be an ipc:// or tcp:// endpoint, got {endpoint!r}")
+        elif endpoint.startswith("tcp://") and config.curve_secret_key is None:
+            host = endpoint.removeprefix("tcp://").rpartition(":")[0]
+            loopback = host in ("127.0.0.1", "localhost", "[::1]")
+            if not (loopback and config.allow_tcp_loopback):
+                t.error(
+                    key,
+                    f"{endpoint} has no authentication: set curve_secret_key and "
+                    "curve_authorized_keys (CurveZMQ), or use tcp://127.0.0.1 "
+                    "with allow_tcp_loopback = true",
+                )
     t.check_unknown()
     return config
+
+
+def _non_empty(t: _Table, key: str) -> str:
+    value = t.text(key)
+    if isinstance(value, str) and not value.strip():
+        t.error(key, "must not be empty")
+    return value
 
 
 def _optional_path(source: Path, value: str | None) -> Path | None:
@@ -823,8 +840,10 @@ def _check_cross(top: _Table, topo: Topology) -> None:
 
     for role in (topo.prefill, topo.decode):
         for i, slot in enumerate(role.slots):
-            kind = "pool" if slot.from_pool else "instance"
-            owner = f"{role.role} slot {i} ({kind})"
+            kind = "pool slot" if slot.from_pool else "instance"
+            owner = f"{role.role}-{i} ({kind})"
+            # RPC port ranges are checked by pdsupervisord.checks, with
+            # connector-aware messages.
             claim("port", slot.host, slot.port, owner, role.role)
             for device in slot.devices:
                 claim("device", slot.host, device, owner, role.role)
@@ -910,7 +929,7 @@ def loads(text: str, source: Path | str = "<string>") -> Topology:
     topo = Topology(
         source=source,
         daemon=_read_daemon(top, source),
-        model_path=model.text("path"),
+        model_path=_non_empty(model, "path"),
         served_name=model.text("served_name", None),
         engine=_read_engine(top),
         env=top.env("env"),

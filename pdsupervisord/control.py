@@ -11,6 +11,7 @@ without ``wait`` the reply comes at once and the outcome is published as a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import grp
 import itertools
@@ -207,9 +208,14 @@ class ControlServer:
 
     async def _answer(self, frames: list[bytes]) -> None:
         envelope, payload = frames[:-1], frames[-1]
-        reply = await self.dispatch(payload)
+        try:
+            reply = await self.dispatch(payload)
+        except Exception as exc:
+            log.exception("control.dispatch_failed")
+            reply = protocol.error_reply(None, ErrorCode.INTERNAL, repr(exc))
         async with self._send_lock:
-            await self._router.send_multipart([*envelope, reply])
+            with contextlib.suppress(zmq.ZMQError):  # the peer went away
+                await self._router.send_multipart([*envelope, reply])
 
     async def dispatch(self, payload: bytes) -> bytes:
         """Decode, run and encode one request; never raises."""

@@ -157,13 +157,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "events":
             return _follow_events(events, curve, args)
         command, body, timeout = _request(args)
+        _check_socket(endpoint)
         with Client(endpoint, timeout=timeout, curve=curve) as client:
+            if timeout > args.timeout:
+                # A long wait must not hide a daemon that is not there at all.
+                client.call("version", reply_timeout=args.timeout)
             result = client.call(command, **body)
             print(_render(command, result, args.json))
             if command == "tail" and args.follow:
                 _follow_tail(client, args.name, result["offset"])
     except DaemonUnreachableError as exc:
-        print(f"pdsupervisorctl: daemon unreachable: {exc}", file=sys.stderr)
+        hint = "is pdsupervisord running?"
+        print(f"pdsupervisorctl: {exc.message} ({hint})", file=sys.stderr)
         return EXIT_UNREACHABLE
     except ControlError as exc:
         print(f"pdsupervisorctl: {exc}", file=sys.stderr)
@@ -171,6 +176,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return EXIT_OK
     return EXIT_OK
+
+
+def _check_socket(endpoint: str) -> None:
+    """Fail at once when an ipc socket file does not exist.
+
+    Raises:
+        DaemonUnreachableError: naming the missing file.
+    """
+    path = endpoint.removeprefix("ipc://")
+    if endpoint.startswith("ipc://") and not os.path.exists(path):
+        raise DaemonUnreachableError(endpoint, 0.0, f"{path} does not exist")
 
 
 def _follow_tail(client: Client, name: str, offset: int) -> None:
@@ -224,6 +240,8 @@ def _render(command: str, result: Any, as_json: bool) -> str:
         "tail": lambda r: "\n".join(r["lines"]),
         "scale": _render_scale,
         "reload": _render_reload,
+        "version": lambda r: f"pdsupervisord {r['version']} (protocol {r['protocol']})",
+        "shutdown": lambda r: "shutting down",
     }
     render = renderers.get(command)
     return render(result) if render else json.dumps(result, indent=2)

@@ -86,17 +86,18 @@ class ControlError(PdsError):
 
     Attributes:
         code: The wire error code (see ``pdsupervisord.protocol.ErrorCode``).
+        message: The daemon's explanation.
     """
 
     def __init__(self, code: str, message: str) -> None:
         self.code = code
+        self.message = message
         super().__init__(f"{code}: {message}")
 
 
 class DaemonUnreachableError(ControlError):
     """Raised by the client when no daemon answers within the deadline."""
 
-    def __init__(self, endpoint: str, timeout: float) -> None:
-        super().__init__(
-            "unreachable", f"no answer from {endpoint} within {timeout:g} s"
-        )
+    def __init__(self, endpoint: str, timeout: float, why: str = "") -> None:
+        why = why or f"no answer from {endpoint} within {timeout:g} s"
+        super().__init__("unreachable", why)

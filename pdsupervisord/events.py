@@ -61,6 +61,9 @@ class Event:
 
 Sink = Callable[[Event], None]
 
+#: States whose arrival is logged as a warning: someone may need to act.
+_TROUBLE = frozenset({"backoff", "fatal", "exited", "unready"})
+
 
 class EventBus:
     """Numbers events and hands each to every sink; never blocks.
@@ -91,7 +94,8 @@ class EventBus:
         event = Event(
             next(self._seq), time.time(), topic, instance, old, new, reason, detail
         )
-        log.info(topic, instance=instance, old=old, new=new, reason=reason, **detail)
+        emit = log.warning if new in _TROUBLE else log.info
+        emit(topic, instance=instance, old=old, new=new, reason=reason, **detail)
         for sink in self._sinks:
             try:
                 sink(event)

@@ -29,7 +29,7 @@ from pdsupervisord import policy
 from pdsupervisord.child import Child, spawn
 from pdsupervisord.config import ProbeConfig, RestartConfig
 from pdsupervisord.events import EventBus
-from pdsupervisord.logfiles import RotatingLog, pump
+from pdsupervisord.logfiles import RotatingLog, pump, tail
 from pdsupervisord.plan import InstanceSpec
 from pdsupervisord.preflight import Problem
 from pdsupervisord.states import RUNNING_STATES, ExitStatus, State, check_transition
@@ -146,6 +146,7 @@ class _Run:
     commanded: bool = False
     restart_after: bool = False
     status: ExitStatus = field(default_factory=ExitStatus)
+    log_tail: list[str] = field(default_factory=list)
 
     def scope(self) -> anyio.CancelScope:
         """A new scope for one of this run's helper tasks."""
@@ -441,7 +442,11 @@ class Instance:
             recent_restarts=self._restart_times,
             now=now,
         )
-        detail = {"exit": self.last_exit}
+        detail: dict[str, Any] = {"exit": self.last_exit}
+        if run.log_tail:
+            # The cause ("Address already in use", a traceback) is usually in
+            # the child's last lines: put them where the operator looks.
+            detail["log_tail"] = run.log_tail
         if decision.fatal:
             self._transition(State.FATAL, decision.reason, **detail)
         elif decision.restart:
@@ -611,4 +616,12 @@ class Instance:
             self._hooks.on_tree(self, None)
             if run.ready_at is not None:
                 await self._hooks.on_down(self, drain=False)
+            await anyio.sleep(0.05)  # let the pumps write the last lines
+            run.log_tail = await anyio.to_thread.run_sync(self._last_lines)
         await self._send.send(_Stopped(run.gen, orphans))
+
+    def _last_lines(self, count: int = 5) -> list[str]:
+        try:
+            return [line[:300] for line in tail(self.log_file.path, count)]
+        except OSError:
+            return []

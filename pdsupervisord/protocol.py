@@ -80,6 +80,9 @@ def decode_request(frame: bytes) -> Request:
         body = json.loads(frame)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"not JSON: {exc}") from None
+    except RecursionError:
+        # Deeply nested arrays fit in a small frame and exhaust the parser.
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "JSON nested too deeply") from None
     if not isinstance(body, dict):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "request must be a JSON object")
     request_id = body.get("id")
@@ -98,10 +101,19 @@ def decode_request(frame: bytes) -> Request:
 
 def ok_reply(request_id: Any, result: Any) -> bytes:
     """Encode a success reply."""
-    return json.dumps({"id": request_id, "ok": True, "result": result}).encode()
+    return _encode({"id": request_id, "ok": True, "result": result})
 
 
 def error_reply(request_id: Any, code: str, message: str) -> bytes:
     """Encode an error reply."""
     error = {"code": code, "message": message}
-    return json.dumps({"id": request_id, "ok": False, "error": error}).encode()
+    return _encode({"id": request_id, "ok": False, "error": error})
+
+
+def _encode(reply: dict[str, Any]) -> bytes:
+    """Strict JSON (no NaN/Infinity); an id that cannot be echoed becomes null."""
+    try:
+        return json.dumps(reply, allow_nan=False).encode()
+    except (ValueError, RecursionError):
+        reply = {**reply, "id": None}
+        return json.dumps(reply, allow_nan=False, default=str).encode()

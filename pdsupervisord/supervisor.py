@@ -42,6 +42,8 @@ __all__ = [
 log = structlog.get_logger("pdsupervisord.supervisor")
 
 ENGINE_ROLES = ("prefill", "decode")
+#: The proxy's reason while it waits for its first ready prefill and decode.
+WAITING = "waiting_for_ready_prefill_and_decode"
 DOWN_STATES = (State.STOPPED, State.EXITED, State.FATAL)
 SERVING = (State.READY,)
 
@@ -94,6 +96,7 @@ class Supervisor:
                 for role in ENGINE_ROLES:
                     for index in range(self.topo.role(role).count):
                         self._add_engine(role, index)
+                self._add_proxy()
                 tg.start_soon(self._start_proxy_when_ready)
                 tg.start_soon(self._canary_loop)
                 task_status.started()
@@ -105,8 +108,20 @@ class Supervisor:
     def _add_engine(self, role: str, index: int) -> Instance:
         return self._add(planner.engine_spec(self.topo, role, index))
 
+    def _add_proxy(self) -> None:
+        """Create the proxy's instance now (so status lists it), start it later."""
+        spec = self._proxy_spec(self.topo)
+        if spec is not None:
+            assert self._membership is not None
+            env = {TOKEN_ENV: self._membership.token}
+            instance = self._add(spec, env=env, start=False)
+            instance.reason = WAITING
+
     def _add(
-        self, spec: planner.InstanceSpec, env: dict[str, str] | None = None
+        self,
+        spec: planner.InstanceSpec,
+        env: dict[str, str] | None = None,
+        start: bool = True,
     ) -> Instance:
         logs = self.topo.logs
         log_file = RotatingLog(
@@ -123,7 +138,8 @@ class Supervisor:
         self.instances[spec.name] = instance
         assert self._tg is not None
         self._tg.start_soon(self._run_instance, instance)
-        instance.start()
+        if start:
+            instance.start()
         return instance
 
     async def _run_instance(self, instance: Instance) -> None:
@@ -138,12 +154,15 @@ class Supervisor:
         """Start the proxy once at least one prefill and one decode are ready."""
         while not (self._any_ready("prefill") and self._any_ready("decode")):
             await self._changed.wait()
+        proxy = self.instances.get("proxy")
         if self._shutting_down:
             return
-        spec = self._proxy_spec(self.topo)
-        if spec is not None:
-            assert self._membership is not None
-            self._add(spec, env={TOKEN_ENV: self._membership.token})
+        if (
+            proxy is not None
+            and proxy.state is State.STOPPED
+            and proxy.reason == WAITING
+        ):
+            proxy.start()
         self.ready_event.set()
         self.bus.emit("daemon.topology_started", reason="initial")
 
@@ -221,7 +240,12 @@ class Supervisor:
             ready = sum(i.state is State.READY for i in members)
             parts.append(f"{ready}/{len(members)} {role}")
         proxy = self.instances.get("proxy")
-        parts.append(f"proxy {proxy.state.value}" if proxy else "proxy not started")
+        if proxy is None:
+            parts.append("no proxy")
+        elif proxy.state is State.STOPPED and proxy.reason == WAITING:
+            parts.append("proxy waiting")
+        else:
+            parts.append(f"proxy {proxy.state.value}")
         return ", ".join(parts)
 
     # ---------------------------------------------------------------- hooks
@@ -394,7 +418,15 @@ class Supervisor:
         return [self._add_engine(role, index) for index in free[:extra]]
 
     def _scale_down(self, current: list[Instance], fewer: int) -> list[Instance]:
-        victims = sorted(current, key=lambda i: i.spec.index)[len(current) - fewer :]
+        # Instances that are not serving go first (an operator's stopped one,
+        # a crash-looping one); among equals, the highest index.
+        def keep_first(i: Instance) -> tuple[bool, int]:
+            return (
+                i.state in (State.READY, State.STARTING, State.UNREADY),
+                -i.spec.index,
+            )
+
+        victims = sorted(current, key=keep_first)[:fewer]
         for instance in victims:
             instance.retire()
         return victims

@@ -139,7 +139,7 @@ def test_duplicate_http_ports(tmp_path: Path) -> None:
     path = write(tmp_path, sub("^port = 13701", "port = 13700"))
     assert found(path) == [
         f"{at(path, '[decode]')}: error: decode: port 13700 on 192.0.0.1 is used by "
-        "both prefill slot 0 (instance) and decode slot 0 (instance)"
+        "both prefill-0 (instance) and decode-0 (instance)"
     ]
 
 
@@ -147,7 +147,7 @@ def test_device_used_by_two_instances(tmp_path: Path) -> None:
     path = write(tmp_path, sub(r"^devices = \[1\]", "devices = [0]"))
     assert found(path) == [
         f"{at(path, '[decode]')}: error: decode: device 0 on 192.0.0.1 is used by "
-        "both prefill slot 0 (instance) and decode slot 0 (instance)"
+        "both prefill-0 (instance) and decode-0 (instance)"
     ]
 
 

@@ -139,3 +139,36 @@ def test_daemon_refuses_invalid_topology_and_starts_nothing(tmp_path: Path) -> N
     assert done.returncode == 2
     assert f"{path}:" in done.stderr and "model.bogus: unknown key" in done.stderr
     assert not marker.exists()
+
+
+def test_empty_model_path_is_an_error(tmp_path: Path) -> None:
+    text = DEMO.replace('path = "/model/Qwen2.5-VL-7B-Instruct"', 'path = ""')
+    assert any("model.path: must not be empty" in i for i in _issues(text, tmp_path))
+
+
+@pytest.mark.parametrize(
+    "endpoint", ["tcp://0.0.0.0:5555", "tcp://127.0.0.1:5555", "tcp://10.1.2.3:5555"]
+)
+def test_unauthenticated_tcp_endpoint_is_a_located_error(
+    tmp_path: Path, endpoint: str
+) -> None:
+    text = DEMO.replace(
+        "stop_timeout = 10", f'stop_timeout = 10\ncontrol = "{endpoint}"'
+    )
+    issues = _issues(text, tmp_path)
+    line = _line_of(text, "control = ")
+    assert any(
+        f":{line}: daemon.control: {endpoint} has no authentication" in i
+        for i in issues
+    ), issues
+
+
+def test_tcp_loopback_with_opt_in_is_accepted(tmp_path: Path) -> None:
+    text = DEMO.replace(
+        "stop_timeout = 10",
+        'stop_timeout = 10\ncontrol = "tcp://127.0.0.1:5555"\n'
+        "allow_tcp_loopback = true",
+    )
+    path = tmp_path / "t.toml"
+    path.write_text(text)
+    assert config.load(path).daemon.control == "tcp://127.0.0.1:5555"

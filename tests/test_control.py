@@ -292,8 +292,9 @@ def test_tcp_endpoint_without_curve_is_refused_at_start(tmp_path: Path) -> None:
         timeout=30,
         check=False,
     )
-    assert done.returncode == 1
-    assert "needs CurveZMQ" in done.stderr
+    assert done.returncode == 2  # refused at load: the topology is invalid
+    assert "daemon.control: tcp://0.0.0.0" in done.stderr
+    assert "has no authentication" in done.stderr
     assert not (tmp_path / "log" / "prefill-0.log").exists()  # nothing started
 
 
@@ -311,7 +312,7 @@ def test_tcp_loopback_needs_the_explicit_opt_in(tmp_path: Path) -> None:
         timeout=30,
         check=False,
     )
-    assert done.returncode == 1 and "allow_tcp_loopback" in done.stderr
+    assert done.returncode == 2 and "allow_tcp_loopback" in done.stderr
 
     topo = write_topology(
         tmp_path / "b",

@@ -274,3 +274,55 @@ def test_instance_cpus_pin_the_process_tree(tmp_path: Path) -> None:
         assert len(os.sched_getaffinity(status["prefill-0"]["pid"])) == os.cpu_count()
     finally:
         assert not _cleanup(daemon)
+
+
+def test_ctl_fails_fast_when_no_daemon_runs_even_for_long_commands(
+    tmp_path: Path,
+) -> None:
+    topo = write_topology(tmp_path)
+    started = time.monotonic()
+    out = topo.ctl("--timeout", "1", "scale", "prefill", "2")
+    assert out.returncode == 3
+    assert "control.sock does not exist" in out.stderr
+    assert "is pdsupervisord running?" in out.stderr
+    assert time.monotonic() - started < 10
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "control.sock").touch()  # a stale file, nobody behind it
+    out = topo.ctl("--timeout", "1", "stop", "decode-0")
+    assert out.returncode == 3 and "no answer" in out.stderr
+
+
+def test_scale_down_removes_a_stopped_instance_before_a_serving_one(
+    daemon: Daemon, topo: Topo
+) -> None:
+    daemon.wait_ready()
+    assert topo.ctl("scale", "prefill", "2").returncode == 0
+    daemon.remember_groups()
+    assert topo.ctl("stop", "prefill-0").returncode == 0
+    out = topo.ctl("scale", "prefill", "1")
+    assert out.returncode == 0 and "removed: prefill-0" in out.stdout
+    status = topo.status()
+    assert "prefill-0" not in status and status["prefill-1"]["state"] == "ready"
+    assert chat(topo, "one-prefill-left")[0] == 200
+
+
+def test_malicious_json_cannot_kill_the_daemon(daemon: Daemon, topo: Topo) -> None:
+    before = daemon.wait_ready()
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(topo.endpoint)
+    deep = b"[" * 30000 + b"]" * 30000
+    nested_args = (
+        b'{"command": "status", "args": ' + b'{"a":' * 5000 + b"1" + b"}" * 5001
+    )
+    for payload in (deep, nested_args, b'{"id": Infinity, "command": "version"}'):
+        sock.send_multipart([b"", payload])
+        assert sock.poll(5000)
+        reply = json.loads(sock.recv_multipart()[-1])  # strict JSON back
+        assert isinstance(reply, dict)
+    sock.close()
+    assert daemon.process.poll() is None
+    assert {n: e["pid"] for n, e in topo.status().items()} == {
+        n: e["pid"] for n, e in before.items()
+    }

@@ -233,7 +233,9 @@ def test_hung_start_is_killed_at_its_deadline(tmp_path: Path) -> None:
         assert entry["reason"] == "startup_timeout"
         assert group_members(first) == []
         assert state_of(topo, "decode-0")["state"] == "ready"
-        assert "proxy" not in topo.status()  # no P ever ready: no proxy yet
+        proxy = topo.status()["proxy"]  # no P ever ready: the proxy waits
+        assert proxy["state"] == "stopped" and proxy["reason"].startswith("waiting")
+        assert proxy["pid"] is None
 
 
 # ---------------------------------------------------------------- probes
@@ -352,6 +354,9 @@ def test_crash_loop_ends_in_fatal_and_reset_clears_it(tmp_path: Path) -> None:
         entry = wait_state(topo, "prefill-0", "fatal")
         assert entry["reason"] == "crash_loop" and entry["restarts"] == 2
         assert entry["last_exit"]["code"] == 1
+        fatal = [e for e in events(topo) if e["event"] == "instance.prefill-0.fatal"]
+        assert fatal[0]["level"] == "warning"
+        assert any("model_load_failed" in line for line in fatal[0]["log_tail"])
 
         out = topo.ctl("reset", "prefill-0", "--no-wait")
         assert out.returncode == 0, out.stderr
