@@ -81,6 +81,9 @@ class MockBackend:
     seen: list[Seen] = field(default_factory=list)
     sent: list[bytes] = field(default_factory=list)
     cancelled: int = 0
+    health_status: int = 200
+    health_hang: bool = False
+    probes: int = 0
     port: int = 0
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     _runner: web.AppRunner | None = None
@@ -92,15 +95,20 @@ class MockBackend:
 
     async def start(self) -> MockBackend:
         """Listen on a free port of 127.0.0.1."""
+        return await self.start_on(0)
+
+    async def start_on(self, port: int) -> MockBackend:
+        """Listen on the given port of 127.0.0.1 (0: a free one)."""
         app = web.Application()
         app.router.add_post("/v1/completions", self._handle)
         app.router.add_post("/v1/chat/completions", self._handle)
         app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/health", self._health)
         self._runner = web.AppRunner(
             app, handler_cancellation=True, access_log=None, shutdown_timeout=0.2
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, LOCALHOST, 0)
+        site = web.TCPSite(self._runner, LOCALHOST, port)
         await site.start()
         self.port = self._runner.addresses[0][1]
         return self
@@ -194,6 +202,12 @@ class MockBackend:
     async def _write(self, response: web.StreamResponse, data: bytes) -> None:
         self.sent.append(data)
         await response.write(data)
+
+    async def _health(self, request: web.Request) -> web.Response:
+        self.probes += 1
+        if self.health_hang:
+            await asyncio.sleep(self.hang_s)
+        return web.Response(status=self.health_status)
 
     async def _models(self, request: web.Request) -> web.Response:
         model = {"id": "mock-model", "object": "model", "owned_by": "mock"}

@@ -30,6 +30,7 @@ from pdsupervisord.proxy.backends import (
     outstanding_work,
 )
 from pdsupervisord.proxy.forward import Forwarder
+from pdsupervisord.proxy.health import HealthProber
 from pdsupervisord.proxy.metrics import CONTENT_TYPE, ProxyMetrics
 from pdsupervisord.proxy.settings import ProxySettings
 from pdsupervisord.proxy.state import STATE, ProxyState
@@ -40,8 +41,8 @@ __all__ = ["build_app"]
 def build_app(settings: ProxySettings) -> web.Application:
     """Build the proxy application with its backends from the settings.
 
-    The upstream connection pool opens when the app starts and closes when it
-    is cleaned up.
+    The upstream connection pool and the health probes start with the app
+    and stop when it is cleaned up.
     """
     prefill = Pool(Role.PREFILL, outstanding_work, settings.eject_cooldown)
     decode = Pool(Role.DECODE, outstanding_requests, settings.eject_cooldown)
@@ -52,9 +53,11 @@ def build_app(settings: ProxySettings) -> web.Application:
 
     metrics = ProxyMetrics([prefill, decode])
     forwarder = Forwarder(settings, prefill, decode, metrics)
+    prober = HealthProber(settings.probes, [prefill, decode])
     app = web.Application(client_max_size=settings.max_request_bytes)
-    app[STATE] = ProxyState(settings, prefill, decode, metrics, forwarder)
+    app[STATE] = ProxyState(settings, prefill, decode, metrics, forwarder, prober)
     app.cleanup_ctx.append(_upstream_session)
+    app.cleanup_ctx.append(_health_probes)
     app.add_routes(
         [
             web.post("/v1/completions", _generate),
@@ -74,6 +77,13 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     await forwarder.start()
     yield
     await forwarder.close()
+
+
+async def _health_probes(app: web.Application) -> AsyncIterator[None]:
+    prober = app[STATE].prober
+    await prober.start()
+    yield
+    await prober.close()
 
 
 async def _generate(request: web.Request) -> web.StreamResponse:

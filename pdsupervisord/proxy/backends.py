@@ -1,4 +1,4 @@
-"""Backend pools: membership, load accounting, draining and passive ejection.
+"""Backend pools: membership, load accounting, draining, health and ejection.
 
 Pure logic: no sockets and no event loop. The clock is injected so the
 cool-down of an ejected backend can be tested without sleeping.
@@ -8,13 +8,20 @@ A backend is in one of three states:
 - ``active``: in rotation.
 - ``draining``: removed by the membership API; it gets no new picks, and it
   leaves the pool once its last in-flight request has finished.
-- ``ejected``: a connection to it was refused or timed out. It gets no picks until its
-  cool-down has passed; then it is *half-open*: one request at a time may try
-  it, and the first upstream answer puts it back to ``active``.
+- ``ejected``: out of rotation, for one of two reasons (``ejected_by``):
 
-Only passive ejection exists: backends are judged by the requests sent to
-them. Active health probes are not implemented yet; they would call
-`Backend.mark_unreachable` and `Backend.mark_reachable` the same way.
+  - ``connection`` (passive): a connection to it was refused or timed out.
+    It gets no picks until its cool-down has passed; then it is *half-open*:
+    one request at a time may try it, and the first upstream answer (or a
+    passing health probe) puts it back to ``active``.
+  - ``probe`` (active): its ``GET /health`` failed ``failure_threshold``
+    times in a row (`pdsupervisord.proxy.health` probes every backend). It
+    gets no picks at all until the probe has passed ``success_threshold``
+    times in a row.
+
+The probe's verdict (``healthy``) is kept apart from the routing state: a
+draining backend is still probed, and one re-added while unhealthy comes
+back ``ejected`` rather than ``active``.
 """
 
 from __future__ import annotations
@@ -29,11 +36,14 @@ from types import TracebackType
 
 import structlog
 
+from pdsupervisord.proxy.timings import LatencyHistogram
+
 __all__ = [
     "Address",
     "Backend",
     "BackendState",
     "BackendView",
+    "EjectedBy",
     "Lease",
     "Pool",
     "Role",
@@ -63,10 +73,17 @@ class BackendState(enum.Enum):
     EJECTED = "ejected"
 
 
+class EjectedBy(enum.Enum):
+    """Why an ejected backend is out of rotation (see the module docstring)."""
+
+    CONNECTION = "connection"
+    PROBE = "probe"
+
+
 _ALLOWED_TRANSITIONS: dict[BackendState, frozenset[BackendState]] = {
     BackendState.ACTIVE: frozenset({BackendState.DRAINING, BackendState.EJECTED}),
     BackendState.EJECTED: frozenset({BackendState.ACTIVE, BackendState.DRAINING}),
-    BackendState.DRAINING: frozenset({BackendState.ACTIVE}),
+    BackendState.DRAINING: frozenset({BackendState.ACTIVE, BackendState.EJECTED}),
 }
 
 
@@ -112,6 +129,11 @@ class BackendView:
     in_flight: int
     load: int
     errors: dict[str, int]
+    ejected_by: EjectedBy | None = None
+    healthy: bool = True
+    probe_failures: int = 0
+    probe_error: str | None = None
+    requests: int = 0
 
     def as_json(self) -> dict[str, object]:
         """The JSON object ``GET /instances`` returns for this backend."""
@@ -119,9 +141,16 @@ class BackendView:
             "type": self.role.value,
             "address": str(self.address),
             "state": self.state.value,
+            "ejected_by": None if self.ejected_by is None else self.ejected_by.value,
             "in_flight": self.in_flight,
             "load": self.load,
+            "requests": self.requests,
             "errors": dict(self.errors),
+            "health": {
+                "healthy": self.healthy,
+                "failures": self.probe_failures,
+                "last_error": self.probe_error,
+            },
         }
 
 
@@ -137,13 +166,25 @@ class Backend:
         self.role = role
         self.address = address
         self.state = BackendState.ACTIVE
+        self.ejected_by: EjectedBy | None = None
         self.in_flight = 0
         self.load = 0
+        self.requests = 0
         # Requests whose KV this prefiller still holds for a decoder to pull:
         # it must not be stopped (drained) before they are done.
         self.kv_held = 0
         self.errors: collections.Counter[str] = collections.Counter()
         self.trial_in_flight = False
+        self.healthy = True
+        self.probe_failures = 0
+        self.probe_successes = 0
+        self.probe_error: str | None = None
+        self.probes: collections.Counter[str] = collections.Counter()
+        self.ejections: collections.Counter[str] = collections.Counter()
+        # Prefillers fill the first, decoders the other two.
+        self.prefill_seconds = LatencyHistogram()
+        self.first_token_seconds = LatencyHistogram()
+        self.e2e_seconds = LatencyHistogram()
         self._ejected_until = 0.0
         self._cooldown = cooldown
         self._clock = clock
@@ -153,13 +194,21 @@ class Backend:
         if self.state is BackendState.ACTIVE:
             return True
         if self.state is BackendState.EJECTED:
-            return not self.trial_in_flight and self._clock() >= self._ejected_until
+            return (
+                self.ejected_by is EjectedBy.CONNECTION
+                and not self.trial_in_flight
+                and self._clock() >= self._ejected_until
+            )
         return False
 
     def mark_reachable(self) -> None:
-        """Record that the backend answered: an ejected one is restored."""
-        if self.state is BackendState.EJECTED:
-            self.transition(BackendState.ACTIVE, "answered")
+        """Record that the backend answered a request.
+
+        A backend ejected for a failed connection is restored; one ejected by
+        its health probe stays out until the probe passes.
+        """
+        if self.ejected_by is EjectedBy.CONNECTION:
+            self._restore("answered")
 
     def mark_unreachable(self, kind: str) -> None:
         """Record a failed connection (refused, timed out): eject for a while.
@@ -168,7 +217,7 @@ class Backend:
             kind: the error kind to count, e.g. ``refused``.
         """
         self.errors[kind] += 1
-        if self.state is BackendState.DRAINING:
+        if self.state is BackendState.DRAINING or self.ejected_by is EjectedBy.PROBE:
             return
         self._ejected_until = self._clock() + self._cooldown
         if self.state is BackendState.EJECTED:
@@ -180,7 +229,47 @@ class Backend:
                 cooldown_s=self._cooldown,
             )
             return
-        self.transition(BackendState.EJECTED, f"cannot connect: {kind}")
+        self._eject(EjectedBy.CONNECTION, f"cannot connect: {kind}")
+
+    def probe_passed(self, success_threshold: int) -> None:
+        """Record a passing health probe.
+
+        Args:
+            success_threshold: passes in a row that make an unhealthy backend
+                healthy again.
+        """
+        self.probes["ok"] += 1
+        self.probe_failures = 0
+        self.probe_successes += 1
+        if not self.healthy and self.probe_successes >= success_threshold:
+            self.healthy = True
+            self.probe_error = None
+            if self.ejected_by is EjectedBy.PROBE:
+                self._restore(f"health probe passed {self.probe_successes} times")
+        elif self.healthy and self.ejected_by is EjectedBy.CONNECTION:
+            # It accepts connections again: no need to wait for the cool-down.
+            self._restore("health probe passed")
+
+    def probe_failed(self, kind: str, detail: str, failure_threshold: int) -> None:
+        """Record a failing health probe.
+
+        Args:
+            kind: ``refused``, ``timeout``, ``bad_status`` or ``disconnected``.
+            detail: what happened, for ``GET /instances``.
+            failure_threshold: failures in a row that make the backend
+                unhealthy and take it out of rotation.
+        """
+        self.probes[kind] += 1
+        self.probe_successes = 0
+        self.probe_failures += 1
+        self.probe_error = detail
+        if not self.healthy or self.probe_failures < failure_threshold:
+            return
+        self.healthy = False
+        if self.state is BackendState.DRAINING:
+            return
+        reason = f"health probe failed {self.probe_failures} times: {detail}"
+        self._eject(EjectedBy.PROBE, reason)
 
     def count_error(self, kind: str) -> None:
         """Count a failure of the given kind (a metrics label)."""
@@ -195,7 +284,19 @@ class Backend:
             self.in_flight,
             self.load,
             dict(self.errors),
+            self.ejected_by,
+            self.healthy,
+            self.probe_failures,
+            self.probe_error,
+            self.requests,
         )
+
+    def reactivate(self, reason: str) -> None:
+        """Bring a draining backend back: active, or ejected if unhealthy."""
+        if self.healthy:
+            self.transition(BackendState.ACTIVE, reason)
+        else:
+            self._eject(EjectedBy.PROBE, f"{reason} while unhealthy")
 
     def transition(self, new: BackendState, reason: str) -> None:
         """Move to a new state and log the change.
@@ -209,6 +310,8 @@ class Backend:
                 "is not a valid transition"
             )
         old, self.state = self.state, new
+        if new is not BackendState.EJECTED:
+            self.ejected_by = None
         _log.info(
             "backend.state_changed",
             role=self.role.value,
@@ -217,6 +320,27 @@ class Backend:
             new=new.value,
             reason=reason,
         )
+
+    def _eject(self, by: EjectedBy, reason: str) -> None:
+        self.ejections[by.value] += 1
+        if self.state is BackendState.EJECTED:
+            # Already out (say, for a refused connection): the probe's
+            # verdict now decides when it comes back.
+            self.ejected_by = by
+            _log.warning(
+                "backend.ejected",
+                role=self.role.value,
+                backend=str(self.address),
+                reason=reason,
+                ejected_by=by.value,
+            )
+            return
+        self.transition(BackendState.EJECTED, reason)
+        self.ejected_by = by
+
+    def _restore(self, reason: str) -> None:
+        if self.state is BackendState.EJECTED:
+            self.transition(BackendState.ACTIVE, reason)
 
 
 PickKey = Callable[[Backend], tuple[int, ...]]
@@ -322,7 +446,7 @@ class Pool:
             self._backends[address] = backend
             _log.info("backend.added", role=self.role.value, backend=str(address))
         elif backend.state is BackendState.DRAINING:
-            backend.transition(BackendState.ACTIVE, "added again")
+            backend.reactivate("added again")
         return backend
 
     def remove(self, address: Address) -> Backend | None:
@@ -348,14 +472,16 @@ class Pool:
         weight: int = 0,
         exclude: frozenset[Address] = frozenset(),
         only: Address | None = None,
+        avoid: frozenset[Address] = frozenset(),
     ) -> Lease | None:
         """Pick the eligible backend with the least outstanding work.
 
         Args:
             weight: work this request adds (prompt bytes for prefillers).
-            exclude: addresses already tried for this request.
+            exclude: addresses not to pick for this request.
             only: when set, the one backend this request is pinned to (the
                 supervisor's canary tests one prefill/decode pair at a time).
+            avoid: addresses to pick only when no other is eligible.
 
         Returns:
             A lease on the chosen backend, or None when none is eligible.
@@ -363,6 +489,9 @@ class Pool:
         candidates = self._candidates(exclude, only)
         if not candidates:
             return None
+        if avoid:
+            preferred = [b for b in candidates if b.address not in avoid]
+            candidates = preferred or candidates
 
         best = min(self._key(b) for b in candidates)
         tied = [b for b in candidates if self._key(b) == best]
@@ -371,6 +500,7 @@ class Pool:
         trial = backend.state is BackendState.EJECTED
         backend.trial_in_flight = backend.trial_in_flight or trial
         backend.in_flight += 1
+        backend.requests += 1
         backend.load += weight
         return Lease(self, backend, weight, trial)
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import logging
 import os
 import signal
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -22,6 +24,7 @@ from aiohttp import web
 from pdsupervisord.proxy.admin import ADMIN_TOKEN_ENV
 from pdsupervisord.proxy.app import build_app
 from pdsupervisord.proxy.backends import Address
+from pdsupervisord.proxy.health import ProbeSettings
 from pdsupervisord.proxy.settings import ProxySettings
 
 __all__ = ["build_parser", "configure_logging", "main", "parse_settings", "serve"]
@@ -57,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backend_flags(parser, "prefiller")
     _add_backend_flags(parser, "decoder")
     _add_retry_flags(parser)
+    _add_health_flags(parser)
     parser.add_argument(
         "--allow-decode-prefill-fallback",
         action="store_true",
@@ -77,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help=f"leave the membership API open when ${ADMIN_TOKEN_ENV} is unset "
         "(default: disabled, 403)",
+    )
+    parser.add_argument(
+        "--event-loop",
+        choices=("auto", "asyncio", "uvloop"),
+        default=_DEFAULTS.event_loop,
+        help="auto: uvloop when it is installed; uvloop is optional and measured "
+        "no consistent gain (docs/proxy.md, Speed) (default: %(default)s)",
     )
     parser.add_argument(
         "--log-level",
@@ -138,6 +149,40 @@ def _add_retry_flags(parser: argparse.ArgumentParser) -> None:
         )
 
 
+def _add_health_flags(parser: argparse.ArgumentParser) -> None:
+    probes = _DEFAULTS.probes
+    group = parser.add_argument_group("active health probes (GET /health)")
+    group.add_argument(
+        "--health-check-interval",
+        type=_non_negative_float,
+        default=probes.period,
+        metavar="S",
+        help="seconds between probes of each backend; 0: no probes "
+        "(default: %(default)s)",
+    )
+    group.add_argument(
+        "--health-check-timeout",
+        type=_positive_float,
+        default=probes.timeout,
+        metavar="S",
+        help="seconds one probe may take (default: %(default)s)",
+    )
+    group.add_argument(
+        "--health-failure-threshold",
+        type=_positive_int,
+        default=probes.failure_threshold,
+        metavar="N",
+        help="failed probes in a row that eject a backend (default: %(default)s)",
+    )
+    group.add_argument(
+        "--health-success-threshold",
+        type=_positive_int,
+        default=probes.success_threshold,
+        metavar="N",
+        help="passed probes in a row that bring it back (default: %(default)s)",
+    )
+
+
 def parse_settings(
     argv: Sequence[str] | None, environ: Mapping[str, str]
 ) -> ProxySettings:
@@ -167,12 +212,19 @@ def parse_settings(
         prefill_timeout=args.prefill_timeout,
         read_timeout=args.read_timeout,
         eject_cooldown=args.eject_cooldown,
+        probes=ProbeSettings(
+            period=args.health_check_interval,
+            timeout=args.health_check_timeout,
+            failure_threshold=args.health_failure_threshold,
+            success_threshold=args.health_success_threshold,
+        ),
         allow_decode_prefill_fallback=args.allow_decode_prefill_fallback,
         served_model_name=args.served_model_name,
         max_request_bytes=args.max_request_bytes,
         admin_token=token,
         admin_token_optional=args.admin_token_optional,
         log_level=args.log_level,
+        event_loop=args.event_loop,
         ignored_flags=ignored,
     )
 
@@ -224,6 +276,12 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    if text.strip() in ("0", "0.0"):
+        return 0.0
+    return _positive_float(text)
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -254,13 +312,18 @@ def configure_logging(level: str) -> None:
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LOG_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        # WriteLogger: one write and flush per line, cheaper than print().
+        logger_factory=structlog.WriteLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )
 
 
-async def serve(settings: ProxySettings) -> None:
+async def serve(settings: ProxySettings, loop_name: str = "asyncio") -> None:
     """Serve until SIGINT or SIGTERM, then let in-flight requests finish.
+
+    Args:
+        settings: what to serve and how.
+        loop_name: the running event loop's name, for the start-up log line.
 
     Raises:
         OSError: the listen address cannot be bound.
@@ -283,6 +346,7 @@ async def serve(settings: ProxySettings) -> None:
             prefill=[str(a) for a in settings.prefill],
             decode=[str(a) for a in settings.decode],
             admin_api=_admin_mode(settings),
+            event_loop=loop_name,
             ignored_flags=list(settings.ignored_flags),
         )
         await _stop_requested()
@@ -305,12 +369,42 @@ async def _stop_requested() -> None:
     await stop.wait()
 
 
+Runner = Callable[[Coroutine[Any, Any, None]], None]
+
+
+def event_loop_runner(choice: str) -> tuple[Runner, str]:
+    """The function that runs the proxy's main coroutine, and its loop's name.
+
+    Args:
+        choice: ``asyncio``, ``uvloop``, or ``auto`` (uvloop when importable).
+
+    Raises:
+        ImportError: ``uvloop`` was asked for and is not installed.
+    """
+    if choice == "asyncio":
+        return asyncio.run, "asyncio"
+    try:
+        # Imported by name: uvloop is optional (the bench extra installs it).
+        uvloop = importlib.import_module("uvloop")
+    except ImportError:
+        if choice == "uvloop":
+            raise
+        return asyncio.run, "asyncio"
+    runner: Runner = uvloop.run
+    return runner, "uvloop"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the proxy; returns the process exit status."""
     settings = parse_settings(argv, os.environ)
     configure_logging(settings.log_level)
     try:
-        asyncio.run(serve(settings))
+        runner, loop_name = event_loop_runner(settings.event_loop)
+    except ImportError:
+        _log.error("proxy.start_failed", error="--event-loop uvloop: not installed")
+        return 2
+    try:
+        runner(serve(settings, loop_name))
     except OSError as exc:
         _log.error(
             "proxy.start_failed", host=settings.host, port=settings.port, error=str(exc)

@@ -17,7 +17,9 @@ __all__ = [
     "REQUEST_ID_HEADER",
     "JSONObject",
     "StreamTail",
+    "check_stream_options",
     "decode_body",
+    "decode_payload",
     "error_body",
     "is_streamed",
     "kv_params_of",
@@ -74,6 +76,23 @@ def is_streamed(body: JSONObject) -> bool:
     return body.get("stream") is True
 
 
+def check_stream_options(body: JSONObject) -> None:
+    """Refuse ``stream_options`` on a request that is not streamed.
+
+    vLLM refuses it too, with this message, but only on the decode leg: the
+    prefill leg (which never carries ``stream_options``) would have run, and
+    its KV blocks would wait for a decoder that never pulls them.
+
+    Raises:
+        BadRequestError: ``stream_options`` is set and ``stream`` is not true.
+    """
+    # The same truthiness test as vLLM's request validators.
+    if body.get("stream_options") and not body.get("stream"):
+        raise BadRequestError(
+            400, "Stream options can only be defined when `stream=True`."
+        )
+
+
 def prefill_body(body: JSONObject) -> JSONObject:
     """The prefill leg's body: one token, no stream, KV kept for a decoder.
 
@@ -113,6 +132,34 @@ def decode_body(body: JSONObject, kv_params: JSONObject | None) -> JSONObject:
     if kv_params is None:
         return body
     return {**body, "kv_transfer_params": kv_params}
+
+
+def decode_payload(raw: bytes, body: JSONObject, kv_params: JSONObject | None) -> bytes:
+    """The decode leg's bytes: `decode_body`, without re-encoding the body.
+
+    The client's bytes are kept and ``"kv_transfer_params": {...}`` is put in
+    before the closing brace, so a large body (multimodal requests carry
+    base64 images) is not encoded again. A body that already has the key, or
+    is not plain UTF-8 JSON text, is encoded anew.
+
+    Args:
+        raw: the client's request body, as received.
+        body: the same, decoded.
+        kv_params: the prefiller's ``kv_transfer_params``, or None (fallback).
+    """
+    if kv_params is None:
+        return raw
+    head = raw.rstrip()
+    splice = (
+        bool(body)
+        and "kv_transfer_params" not in body
+        and raw.lstrip().startswith(b"{")
+        and head.endswith(b"}")
+    )
+    params = json.dumps(kv_params, ensure_ascii=False).encode()
+    if splice:
+        return head[:-1] + b', "kv_transfer_params": ' + params + b"}"
+    return json.dumps(decode_body(body, kv_params), ensure_ascii=False).encode()
 
 
 def error_body(status: int, error_type: str, message: str) -> JSONObject:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pdsupervisord.proxy.backends import Address
+from pdsupervisord.proxy.health import ProbeSettings
 
 __all__ = ["ProxySettings"]
 
@@ -24,6 +25,7 @@ class ProxySettings:
         prefill_timeout: seconds for a whole prefill leg.
         read_timeout: seconds a decoder may stay silent (first byte included).
         eject_cooldown: seconds a backend that refused a connection is skipped.
+        probes: active health probes of the backends.
         allow_decode_prefill_fallback: send to the decoder without
             ``kv_transfer_params`` when the prefiller returned none.
         served_model_name: model id for ``/v1/models`` when no decoder answers.
@@ -31,6 +33,7 @@ class ProxySettings:
         admin_token: token guarding the membership API, or None.
         admin_token_optional: leave the membership API open when no token set.
         log_level: debug, info, warning, error or critical.
+        event_loop: ``asyncio``, ``uvloop``, or ``auto`` (uvloop when installed).
         ignored_flags: example-proxy flags given but without effect here.
     """
 
@@ -47,6 +50,7 @@ class ProxySettings:
     prefill_timeout: float = 600.0
     read_timeout: float = 600.0
     eject_cooldown: float = 5.0
+    probes: ProbeSettings = field(default_factory=ProbeSettings)
     allow_decode_prefill_fallback: bool = False
     served_model_name: str | None = None
     # Multimodal requests carry images inline as base64; 64 MiB is a guess.
@@ -54,4 +58,5 @@ class ProxySettings:
     admin_token: str | None = field(default=None, repr=False)
     admin_token_optional: bool = False
     log_level: str = "info"
+    event_loop: str = "asyncio"
     ignored_flags: tuple[str, ...] = ()

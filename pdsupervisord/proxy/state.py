@@ -8,6 +8,7 @@ from aiohttp import web
 
 from pdsupervisord.proxy.backends import Pool, Role
 from pdsupervisord.proxy.forward import Forwarder
+from pdsupervisord.proxy.health import HealthProber
 from pdsupervisord.proxy.metrics import ProxyMetrics
 from pdsupervisord.proxy.settings import ProxySettings
 
@@ -16,13 +17,14 @@ __all__ = ["STATE", "ProxyState"]
 
 @dataclass(frozen=True)
 class ProxyState:
-    """Settings, backend pools, metrics and the forwarder of one proxy."""
+    """Settings, backend pools, metrics, forwarder and prober of one proxy."""
 
     settings: ProxySettings
     prefill: Pool
     decode: Pool
     metrics: ProxyMetrics
     forwarder: Forwarder
+    prober: HealthProber
 
     def pool(self, role: Role) -> Pool:
         """The pool of the given role."""
