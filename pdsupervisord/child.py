@@ -29,6 +29,11 @@ from pdsupervisord.states import ExitStatus
 
 __all__ = ["Child", "child_environment", "spawn"]
 
+#: Seconds a stopped leader's descendants get to exit on their own. A guess
+#: from vLLM 0.32 on CPU, whose resource tracker outlives its API server by
+#: well under a second after SIGTERM.
+TREE_GRACE = 2.0
+
 log = structlog.get_logger("pdsupervisord.child")
 
 #: Variables the daemon must not hand down: a child that inherited
@@ -93,10 +98,18 @@ class Child:
             The pids that had to be killed after the leader exited (orphans).
         """
         self.snapshot_descendants()
+        started = time.monotonic()
         if self.process.returncode is None:
             self.signal_group(signal.SIGTERM)
             with anyio.move_on_after(grace):
                 await self.process.wait()
+        # Helpers (vLLM's multiprocessing resource tracker) exit a moment
+        # after their leader on a clean stop: give them the rest of the grace
+        # (at most TREE_GRACE) before calling them orphans.
+        left = min(TREE_GRACE, max(0.0, grace - (time.monotonic() - started)))
+        with anyio.move_on_after(left):
+            while self._survivors():
+                await anyio.sleep(0.05)
         return await self.reap_group()
 
     async def reap_group(self, deadline: float = 5.0) -> list[int]:

@@ -572,6 +572,8 @@ def _non_empty(t: _Table, key: str) -> str:
     value = t.text(key)
     if isinstance(value, str) and not value.strip():
         t.error(key, "must not be empty")
+    if isinstance(value, str) and value.startswith("~"):
+        return str(Path(value).expanduser())  # a local path, not a hub name
     return value
 
 

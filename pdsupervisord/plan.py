@@ -408,7 +408,12 @@ def render_shell(plan: Plan) -> str:
     for spec in plan.instances:
         lines = [f"# {spec.name} ({spec.role}) on {spec.host}:{spec.port}"]
         lines += [f"export {k}={shlex.quote(v)}" for k, v in spec.env.items()]
-        lines.append(_wrap_command(spec.argv))
+        argv = spec.argv
+        if spec.cpus:
+            # The daemon pins the process itself; taskset does the same by hand.
+            cpus = ",".join(str(c) for c in spec.cpus)
+            argv = ("taskset", "-c", cpus, *argv)
+        lines.append(_wrap_command(argv))
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) + "\n"
 

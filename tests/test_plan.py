@@ -171,3 +171,13 @@ def test_pool_slot_draws_next_devices_and_ports() -> None:
     assert first_pool.port == topo.prefill.slots[1].port
     assert first_pool.devices == topo.prefill.slots[1].devices
     assert first_pool.devices != plan.engine_spec(topo, "prefill", 0).devices
+
+
+def test_pinned_instance_prints_with_taskset() -> None:
+    text = (ROOT / "conf" / "demo.toml").read_text()
+    text = text.replace("devices = [1]\n", "devices = [1]\ncpus = [0, 1]\n")
+    topo = config.loads(text, ROOT / "conf" / "demo.toml")
+    shell = plan.render_shell(plan.initial_plan(topo))
+    decode_block = next(b for b in shell.split("\n\n") if b.startswith("# decode-0"))
+    assert "\ntaskset -c 0,1 " in decode_block
+    assert plan.initial_plan(topo).by_name("decode-0").cpus == (0, 1)

@@ -160,10 +160,16 @@ def test_engine_child_that_left_the_group_is_killed_and_reported(
             15,
             "escaped child killed",
         )
-        reported = [
-            e for e in events(topo) if e["event"] == "instance.prefill-0.orphans_killed"
-        ]
-        assert reported and escaped in reported[0]["pids"]
+        reported = wait_until(
+            lambda: [
+                e
+                for e in events(topo)
+                if e["event"] == "instance.prefill-0.orphans_killed"
+            ],
+            15,
+            "the orphans_killed event",
+        )
+        assert escaped in reported[0]["pids"]
         wait_state(topo, "prefill-0", "ready")
         daemon.remember_groups()
 
