@@ -410,7 +410,7 @@ def test_completion_answers_openai_json_and_logs_the_request_id(engine: Engine) 
 
     body = reply.json()
     assert reply.status == 200
-    assert reply.headers["X-Request-Id"] == "cmp-1"
+    assert "X-Request-Id" not in reply.headers  # vLLM echoes it only on request
     assert (body["id"], body["object"], body["model"]) == (
         "cmpl-cmp-1",
         "text_completion",
@@ -422,6 +422,8 @@ def test_completion_answers_openai_json_and_logs_the_request_id(engine: Engine) 
         "prompt_tokens": 5,
         "completion_tokens": 4,
         "total_tokens": 9,
+        "prompt_tokens_details": None,
+        "completion_tokens_details": None,
     }
     engine.wait_event("request.received", request_id="cmpl-cmp-1")
 
@@ -540,6 +542,21 @@ def test_engine_child_is_named_like_vllm_and_shares_the_process_group(
 
     assert child.name() == "VLLM::EngineCor"
     assert os.getpgid(child.pid) == os.getpgid(engine.pid)
+    (worker,) = child.children()
+    assert worker.name() == "VLLM::Worker"
+    assert os.getpgid(worker.pid) == os.getpgid(engine.pid)
+
+
+def test_request_id_header_is_echoed_only_with_its_flag(launcher: Launcher) -> None:
+    engine = launcher.start("--enable-request-id-headers")
+    engine.wait_healthy()
+
+    body = {"prompt": "hi", "max_tokens": 1}
+    given = engine.post("/v1/completions", body, {"X-Request-Id": "echo-1"})
+    made_up = engine.post("/v1/completions", body)
+
+    assert given.headers["X-Request-Id"] == "echo-1"
+    assert len(made_up.headers["X-Request-Id"]) == 32
 
 
 def test_second_engine_on_a_held_device_exits_1_naming_it(
@@ -566,6 +583,8 @@ def test_engine_on_a_taken_port_exits_1(
         "address already in use"
         in second.wait_event("api.bind_failed")["error"].lower()
     )
+    # The port is bound before the load, as in vLLM 0.32: no engine was started.
+    assert not second.events("engine.spawned")
 
 
 # --------------------------------------------------------------------------
@@ -731,8 +750,14 @@ def test_nixl_engine_serves_kv_on_one_port_per_tensor_parallel_rank(
     engine.wait_healthy()
 
     body = prefill_leg({"prompt": "hello"})
-    params = engine.post("/v1/completions", body).json()["kv_transfer_params"]
-    assert (params["remote_port"], params["remote_tp_size"]) == (base, 2)
+    headers = {"X-Request-Id": "nixl-1"}
+    params = engine.post("/v1/completions", body, headers).json()["kv_transfer_params"]
+    assert (params["remote_port"], params["tp_size"]) == (base, 2)
+    # vLLM 0.32's NixlConnector: one block list per KV cache group, blocks
+    # keyed by vLLM's internal id, no remote_tp_size.
+    assert len(params["remote_block_ids"]) == 1 and params["remote_block_ids"][0]
+    assert params["remote_request_id"].startswith("cmpl-nixl-1-")
+    assert params["transfer_mode"] == "pull" and "remote_tp_size" not in params
     assert engine.wait_event("kv.listening")["ports"] == [base, base + 1]
     assert engine.wait_event("engine.devices_locked")["devices"] == ["6", "7"]
 
@@ -795,6 +820,18 @@ def test_engine_child_death_turns_health_503_then_api_server_exits_0(
     assert engine.wait_exit() == 0
     assert time.monotonic() - killed_at >= 0.9
     assert engine.wait_event("api.engine_died")["engine_exit_code"] == -signal.SIGKILL
+
+
+def test_engine_child_death_ends_its_worker_too(launcher: Launcher) -> None:
+    engine = launcher.start(env={"PDSD_ENGINE_DEATH_EXIT_SECONDS": "3"})
+    engine.wait_healthy()
+    child = engine.engine_child()
+    (worker,) = child.children()
+
+    child.kill()
+
+    wait_until(lambda: gone(worker.pid), timeout=3.0)
+    assert engine.wait_exit() == 0
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

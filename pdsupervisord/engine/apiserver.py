@@ -8,7 +8,9 @@ each ending copies what vLLM does (facts §5, §8):
   child may die first; its end of file is then given 0.2 s to turn out to be
   part of the same stop before it counts as a failed start.
 - Engine child fails to start (device busy) or crashes while loading: exit 1.
-- API port already bound: exit 1 (``Address already in use``).
+- API port already bound: exit 1 (``Address already in use``) before the
+  load, because the port is bound first and only listened on once loaded,
+  as vLLM 0.32 does (connections are refused meanwhile).
 - SIGTERM or SIGINT once serving: close the port, stop the engine child
   (SIGTERM, SIGKILL after 5 s), exit 0.
 - Engine child dies while serving: ``/health`` answers 503 at once, and the
@@ -23,6 +25,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -116,6 +119,40 @@ async def serve(settings: Settings) -> int:
         faults=list(settings.faults.active),
         ignored_flags=list(settings.args.ignored),
     )
+    args = settings.args
+    try:
+        sock = _bind(args.host, args.port, reuse_port=settings.faults.reuseport)
+    except OSError as exc:
+        _log.error("api.bind_failed", host=args.host, port=args.port, error=str(exc))
+        return 1
+    with sock:
+        return await _load_and_serve(settings, sock, stop)
+
+
+def _bind(host: str, port: int, reuse_port: bool) -> socket.socket:
+    """Bind the API socket without listening: connections are refused.
+
+    Raises:
+        OSError: When the address is taken or cannot be resolved.
+    """
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def _load_and_serve(
+    settings: Settings, sock: socket.socket, stop: _StopSignal
+) -> int:
     engine = await EngineClient.spawn(_engine_spec(settings))
     failed = await _load(settings, engine, stop)
     if failed is not None:
@@ -130,7 +167,7 @@ async def serve(settings: Settings) -> int:
     runner = web.AppRunner(build_app(state), handle_signals=False, access_log=None)
     await runner.setup()
     try:
-        return await _open_and_serve(runner, state, stop)
+        return await _open_and_serve(runner, sock, state, stop)
     finally:
         await runner.cleanup()
         await engine.stop()
@@ -202,18 +239,12 @@ async def _load_outcome(
 
 
 async def _open_and_serve(
-    runner: web.AppRunner, state: ApiState, stop: _StopSignal
+    runner: web.AppRunner, sock: socket.socket, state: ApiState, stop: _StopSignal
 ) -> int:
     args, faults = state.settings.args, state.settings.faults
-    site = web.TCPSite(
-        runner,
-        args.host,
-        args.port,
-        reuse_port=True if faults.reuseport else None,
-        shutdown_timeout=SHUTDOWN_GRACE,
-    )
+    site = web.SockSite(runner, sock, shutdown_timeout=SHUTDOWN_GRACE)
     try:
-        await site.start()
+        await site.start()  # listen(): another socket bound meanwhile fails it
     except OSError as exc:
         _log.error("api.bind_failed", host=args.host, port=args.port, error=str(exc))
         return 1

@@ -38,6 +38,8 @@ class ServeArgs:
         api_key: Bearer token required on ``/v1/*``, if any.
         kv_transfer_config: The ``--kv-transfer-config`` JSON object, if any.
         ignored: Flags the stand-in does not act on, for the start-up log.
+        enable_request_id_headers: Whether answers carry ``X-Request-Id``
+            (the request's, else a new one), as vLLM does only with this flag.
     """
 
     model: str
@@ -51,6 +53,7 @@ class ServeArgs:
     api_key: str | None
     kv_transfer_config: Mapping[str, Any] | None
     ignored: tuple[str, ...]
+    enable_request_id_headers: bool = False
 
 
 def parse_serve_args(argv: Sequence[str], env: Mapping[str, str]) -> ServeArgs:
@@ -96,6 +99,7 @@ def parse_serve_args(argv: Sequence[str], env: Mapping[str, str]) -> ServeArgs:
         api_key=ns.api_key or env.get("VLLM_API_KEY") or None,
         kv_transfer_config=ns.kv_transfer_config,
         ignored=tuple(unknown),
+        enable_request_id_headers=ns.enable_request_id_headers,
     )
 
 
@@ -114,6 +118,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--kv-transfer-config", type=_json_object, default=None)
+    parser.add_argument("--enable-request-id-headers", action="store_true")
     return parser
 
 

@@ -3,7 +3,10 @@
 It is the part that "holds device memory": it locks the devices, owns the KV
 side channel and the producer's KV blocks, and pulls blocks for a decoder.
 Run by the API server as ``python -m pdsupervisord.engine.core --control-fd N``
-with one end of a Unix socket pair as fd N.
+with one end of a Unix socket pair as fd N. While loading it starts its own
+child, the stand-in ``VLLM::Worker`` (``pdsupervisord.engine.worker``), which
+it stops when it stops; killed with SIGKILL, it leaves the worker orphaned, as
+the real EngineCore does.
 
 Design note on its life: like the real EngineCore it stays in the API
 server's process group and does NOT die with the API server. When the API
@@ -21,6 +24,7 @@ import contextlib
 import os
 import signal
 import socket
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -60,6 +64,7 @@ class EngineCore:
         self._locks = DeviceLocks()
         self._store = KVStore(spec.kv_timeout, self._report_blocks)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._worker: subprocess.Popen[bytes] | None = None
 
     async def run(self, reader: asyncio.StreamReader) -> int:
         """Start, serve until signalled, stop.
@@ -83,12 +88,14 @@ class EngineCore:
         try:
             return await self._serve(reader)
         finally:
+            await self._stop_worker()
             for server in servers:
                 server.close()
             self._locks.release()
             _log.info("engine.stopped")
 
     async def _serve(self, reader: asyncio.StreamReader) -> int:
+        self._start_worker()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._stop.wait(), self._spec.load_seconds)
         if self._stop.is_set():
@@ -106,6 +113,26 @@ class EngineCore:
         await self._stop.wait()
         control.cancel()
         return 0
+
+    def _start_worker(self) -> None:
+        self._worker = subprocess.Popen(
+            [sys.executable, "-m", "pdsupervisord.engine.worker", str(os.getpid())],
+            stdin=subprocess.DEVNULL,
+        )
+        _log.info("engine.worker_started", worker_pid=self._worker.pid)
+
+    async def _stop_worker(self) -> None:
+        """SIGTERM the worker; SIGKILL it if it is not gone in 5 s."""
+        worker = self._worker
+        if worker is None or worker.poll() is not None:
+            return
+        worker.terminate()
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if worker.poll() is not None:
+                return
+        worker.kill()
+        worker.wait()
 
     def _install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()

@@ -46,11 +46,15 @@ class RequestError(EngineError):
     Attributes:
         status: HTTP status code to answer with.
         error_type: OpenAI error type, e.g. ``BadRequestError``.
+        param: The request field at fault (the envelope's ``param``), if any.
     """
 
-    def __init__(self, status: int, error_type: str, message: str) -> None:
+    def __init__(
+        self, status: int, error_type: str, message: str, param: str | None = None
+    ) -> None:
         self.status = status
         self.error_type = error_type
+        self.param = param
         super().__init__(message)
 
 

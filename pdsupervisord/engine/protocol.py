@@ -166,8 +166,19 @@ def resolve_max_tokens(request: GenerationRequest, max_model_len: int) -> int:
         RequestError: 400 when prompt plus ``max_tokens`` exceed it.
     """
     room = max_model_len - len(request.prompt)
+    if room < 1:  # vLLM 0.32's wording, measured
+        raise RequestError(
+            400,
+            "BadRequestError",
+            f"This model's maximum context length is {max_model_len} tokens. "
+            f"However, your prompt contains at least {len(request.prompt)} input "
+            "tokens, which exceeds this limit even without any output tokens. "
+            "Please reduce the length of the input prompt. "
+            f"(parameter=input_tokens, value={len(request.prompt)})",
+            param="input_tokens",
+        )
     wanted = request.max_tokens if request.max_tokens is not None else room
-    if room < 1 or wanted > room:
+    if wanted > room:
         raise bad_request(
             f"This model's maximum context length is {max_model_len} tokens. "
             f"However, you requested {len(request.prompt) + wanted} tokens "
@@ -177,12 +188,14 @@ def resolve_max_tokens(request: GenerationRequest, max_model_len: int) -> int:
     return wanted
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    """An OpenAI ``usage`` object."""
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int | None]:
+    """An OpenAI ``usage`` object, with vLLM 0.32's (null) detail fields."""
     return {
         "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "completion_tokens": completion_tokens,
+        "prompt_tokens_details": None,
+        "completion_tokens_details": None,
     }
 
 
@@ -195,12 +208,14 @@ class Envelope:
         request_id: The ``id`` field, e.g. ``chatcmpl-<X-Request-Id>``.
         model: The model name answered with.
         created: Unix time the request arrived.
+        fingerprint: ``system_fingerprint``, constant for one engine.
     """
 
     endpoint: Endpoint
     request_id: str
     model: str
     created: int
+    fingerprint: str = "vllm-standin"
 
     def wrap(self, object_name: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         """A body or chunk with these fields and ``choices``."""
@@ -217,22 +232,37 @@ def full_body(
     envelope: Envelope,
     text: str,
     finish_reason: str,
-    token_usage: Mapping[str, int],
+    token_usage: Mapping[str, int | None],
     kv_transfer_params: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
-    """A non-streamed answer, ``kv_transfer_params`` included (null if none)."""
-    choice: dict[str, Any] = {"index": 0, "logprobs": None}
+    """A non-streamed answer, field for field as vLLM 0.32 writes it.
+
+    ``kv_transfer_params`` is always present (null when there are none); the
+    other fields the stand-in has no value for are null, as they are in vLLM
+    for a plain request.
+    """
+    choice: dict[str, Any] = {"index": 0}
     if envelope.endpoint is Endpoint.CHAT:
-        choice["message"] = {"role": "assistant", "content": text, "tool_calls": []}
+        choice["message"] = {"role": "assistant", "content": text} | dict.fromkeys(
+            ("refusal", "annotations", "audio", "function_call", "reasoning")
+        )
+        choice["logprobs"] = None
     else:
-        choice["text"] = text
-    choice.update(finish_reason=finish_reason, stop_reason=None)
+        choice.update(text=text, logprobs=None)
+    choice.update(finish_reason=finish_reason, stop_reason=None, token_ids=None)
+    if envelope.endpoint is Endpoint.COMPLETIONS:
+        choice.update(prompt_logprobs=None, prompt_token_ids=None)
+    choice["routed_experts"] = None
 
     body = envelope.wrap(envelope.endpoint.body_object, [choice])
+    body.update(service_tier=None, system_fingerprint=envelope.fingerprint)
     body["usage"] = dict(token_usage)
+    if envelope.endpoint is Endpoint.CHAT:
+        body.update(prompt_logprobs=None, prompt_token_ids=None, prompt_text=None)
     body["kv_transfer_params"] = (
         dict(kv_transfer_params) if kv_transfer_params else None
     )
+    body.update(ec_transfer_params=None, metrics=None)
     return body
 
 
@@ -241,32 +271,56 @@ def completion_chunk(
 ) -> dict[str, Any]:
     """One streamed chunk.
 
+    Chat chunks have vLLM 0.32's shape: the first (``role``) chunk carries
+    null ``prompt_token_ids`` and ``prompt_text``, token chunks a null
+    ``token_ids``, and only the last one ``stop_reason`` and
+    ``system_fingerprint``.
+
     Args:
         envelope: The request's common fields.
         delta: For chat the ``delta`` object (``role`` and/or ``content``); for
             completions ``{"text": ...}``.
         finish_reason: Set on the last token's chunk.
     """
-    choice: dict[str, Any] = {"index": 0, "logprobs": None}
-    if envelope.endpoint is Endpoint.CHAT:
-        choice["delta"] = dict(delta)
-    else:
-        choice["text"] = delta.get("text", "")
-    choice.update(finish_reason=finish_reason, stop_reason=None)
-    return envelope.wrap(envelope.endpoint.chunk_object, [choice])
+    if envelope.endpoint is Endpoint.COMPLETIONS:
+        choice = {"index": 0, "text": delta.get("text", ""), "logprobs": None}
+        choice.update(finish_reason=finish_reason, stop_reason=None)
+        return envelope.wrap(envelope.endpoint.chunk_object, [choice])
+
+    choice = {"index": 0, "delta": dict(delta), "logprobs": None}
+    choice["finish_reason"] = finish_reason
+    if finish_reason is not None:
+        choice["stop_reason"] = None
+    if "role" not in delta:
+        choice["token_ids"] = None
+    chunk = envelope.wrap(envelope.endpoint.chunk_object, [choice])
+    if "role" in delta:
+        chunk.update(prompt_token_ids=None, prompt_text=None)
+    if finish_reason is not None:
+        chunk["system_fingerprint"] = envelope.fingerprint
+    return chunk
 
 
-def usage_chunk(envelope: Envelope, token_usage: Mapping[str, int]) -> dict[str, Any]:
+def usage_chunk(
+    envelope: Envelope, token_usage: Mapping[str, int | None]
+) -> dict[str, Any]:
     """The final streamed chunk sent when ``stream_options.include_usage``."""
     chunk = envelope.wrap(envelope.endpoint.chunk_object, [])
     chunk["usage"] = dict(token_usage)
     return chunk
 
 
-def error_body(status: int, error_type: str, message: str) -> dict[str, Any]:
+def error_body(
+    status: int, error_type: str, message: str, param: str | None = None
+) -> dict[str, Any]:
     """vLLM's error envelope."""
     return {
-        "error": {"message": message, "type": error_type, "param": None, "code": status}
+        "error": {
+            "message": message,
+            "type": error_type,
+            "param": param,
+            "code": status,
+        }
     }
 
 
@@ -347,6 +401,9 @@ def _kv_params(raw: object) -> KVParams | None:
     )
     if not isinstance(host, str) or not _is_int(port):
         raise bad_request("kv_transfer_params: remote_host and remote_port required")
+    # vLLM 0.32's NixlConnector sends one list of block ids per KV cache group.
+    if isinstance(block_ids, list) and all(isinstance(b, list) for b in block_ids):
+        block_ids = [b for group in block_ids for b in group]
     if not isinstance(block_ids, list) or not all(_is_int(b) for b in block_ids):
         raise bad_request("kv_transfer_params: remote_block_ids must list integers")
     remote_id = raw.get("remote_request_id")

@@ -9,13 +9,16 @@
 =============================  ==============================================
 
 With ``--api-key`` every ``/v1/*`` route needs ``Authorization: Bearer KEY``
-and answers 401 without it; ``/health`` and ``/metrics`` never need it.
+and answers 401 without it; ``/health`` and ``/metrics`` never need it. With
+``--enable-request-id-headers`` every answer carries ``X-Request-Id`` (the
+request's, else a new uuid4 hex); without it none does, as in vLLM.
 """
 
 from __future__ import annotations
 
 import hmac
 import time
+import uuid
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -36,6 +39,8 @@ def build_app(state: ApiState) -> web.Application:
         middlewares=[_require_api_key], client_max_size=MAX_BODY_BYTES
     )
     app[STATE] = state
+    if state.settings.args.enable_request_id_headers:
+        app.on_response_prepare.append(_add_request_id)
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/v1/models", _models)
@@ -54,6 +59,11 @@ async def _require_api_key(
         if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
             return web.json_response({"error": "Unauthorized"}, status=401)
     return await handler(request)
+
+
+async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+    response.headers["X-Request-Id"] = request_id
 
 
 async def _health(request: web.Request) -> web.Response:

@@ -11,9 +11,11 @@ forwards to the decoder (facts §4).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import json
 import os
+import secrets
 import time
 import uuid
 from collections.abc import Sequence
@@ -26,6 +28,7 @@ from structlog.typing import FilteringBoundLogger
 
 from pdsupervisord.engine.errors import EngineDeadError, KVTransferError, RequestError
 from pdsupervisord.engine.generate import Completion, complete, kv_blocks
+from pdsupervisord.engine.kvconfig import ConnectorKind
 from pdsupervisord.engine.protocol import (
     Endpoint,
     Envelope,
@@ -70,7 +73,11 @@ class _Call:
     def envelope(self) -> Envelope:
         """The fields every answer and chunk of this request repeats."""
         return Envelope(
-            self.request.endpoint, self.request_id, self.model, self.created
+            self.request.endpoint,
+            self.request_id,
+            self.model,
+            self.created,
+            _fingerprint(self.state.settings.args.model),
         )
 
 
@@ -84,11 +91,10 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
     return await _handle(request, Endpoint.CHAT)
 
 
-def error_response(exc: RequestError, base_id: str | None = None) -> web.Response:
-    """An OpenAI error answer, echoing ``X-Request-Id`` when known."""
-    headers = {"X-Request-Id": base_id} if base_id else None
-    body = error_body(exc.status, exc.error_type, str(exc))
-    return web.json_response(body, status=exc.status, headers=headers)
+def error_response(exc: RequestError) -> web.Response:
+    """An OpenAI error answer."""
+    body = error_body(exc.status, exc.error_type, str(exc), exc.param)
+    return web.json_response(body, status=exc.status)
 
 
 async def _handle(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
@@ -103,7 +109,7 @@ async def _handle(request: web.Request, endpoint: Endpoint) -> web.StreamRespons
             status=exc.status,
             error=str(exc),
         )
-        return error_response(exc, base_id)
+        return error_response(exc)
 
     _log.info(
         "request.received",
@@ -127,7 +133,13 @@ def _prepare(state: ApiState, endpoint: Endpoint, body: object, base_id: str) ->
     names = state.settings.args.served_model_names
     model = parsed.model or names[0]
     if model not in names:
-        raise RequestError(404, "NotFoundError", f"The model `{model}` does not exist.")
+        aliases = ", ".join(names)
+        raise RequestError(
+            404,
+            "NotFoundError",
+            f"The model `{model}` does not exist. Valid aliases: {aliases}.",
+            param="model",
+        )
     return _Call(
         state=state,
         request=parsed,
@@ -156,7 +168,7 @@ async def _serve(request: web.Request, call: _Call) -> web.StreamResponse:
     except (KVTransferError, EngineDeadError) as exc:
         _log.error("request.failed", request_id=call.request_id, error=str(exc))
         error = RequestError(500, "InternalServerError", f"KV transfer failed: {exc}")
-        return error_response(error, call.base_id)
+        return error_response(error)
 
     seed = call.request.seed
     completion = complete(
@@ -202,7 +214,7 @@ async def _answer(call: _Call, completion: Completion, started: float) -> web.Re
         _usage(call, completion),
         kv_params,
     )
-    return web.json_response(body, headers={"X-Request-Id": call.base_id})
+    return web.json_response(body)
 
 
 async def _hold_kv(call: _Call) -> dict[str, Any] | None:
@@ -213,18 +225,41 @@ async def _hold_kv(call: _Call) -> dict[str, Any] | None:
     if channel is None:  # never: settings give a producer its side channel
         return None
 
-    block_ids = await call.state.engine.store_blocks(call.base_id, call.blocks)
     tp = call.state.settings.args.tensor_parallel_size
+    if kv_config.kind is not ConnectorKind.NIXL:
+        block_ids = await call.state.engine.store_blocks(call.base_id, call.blocks)
+        return {
+            "do_remote_prefill": True,
+            "do_remote_decode": False,
+            "remote_block_ids": block_ids,
+            "remote_engine_id": kv_config.engine_id,
+            "remote_host": channel.host,
+            "remote_port": channel.ports[0],
+            "remote_tp_size": tp,
+            "remote_request_id": call.base_id,
+            "tp_size": tp,
+        }
+
+    # vLLM 0.32's NixlConnector, as measured: the blocks are keyed by vLLM's
+    # internal request id (the answer's id plus a random suffix), block ids
+    # come as one list per KV cache group, and there is no remote_tp_size.
+    internal_id = f"{call.request_id}-{secrets.token_hex(4)}"
+    block_ids = await call.state.engine.store_blocks(internal_id, call.blocks)
     return {
         "do_remote_prefill": True,
         "do_remote_decode": False,
-        "remote_block_ids": block_ids,
+        "remote_block_ids": [block_ids],
         "remote_engine_id": kv_config.engine_id,
+        "remote_request_id": internal_id,
         "remote_host": channel.host,
         "remote_port": channel.ports[0],
-        "remote_tp_size": tp,
-        "remote_request_id": call.base_id,
         "tp_size": tp,
+        "dcp_size": 1,
+        "pp_size": 1,
+        "remote_num_tokens": len(call.request.prompt),
+        "remote_blocks_expiry_time": None,
+        "transfer_mode": "pull",
+        "remote_prefill_cached_tokens": 0,
     }
 
 
@@ -235,7 +270,6 @@ async def _stream(
         headers={
             "Content-Type": "text/event-stream",
             "Cache-Control": "no-cache",
-            "X-Request-Id": call.base_id,
         }
     )
     await response.prepare(request)
@@ -321,8 +355,13 @@ def _finish(
     )
 
 
-def _usage(call: _Call, completion: Completion) -> dict[str, int]:
+def _usage(call: _Call, completion: Completion) -> dict[str, int | None]:
     return usage(len(call.request.prompt), len(completion.tokens))
+
+
+def _fingerprint(model: str) -> str:
+    """``system_fingerprint``: vLLM writes ``vllm-<version>-<hash>``."""
+    return f"vllm-standin-{hashlib.sha256(model.encode()).hexdigest()[:8]}"
 
 
 def _kv_summary(kv: KVParams | None) -> str | None:

@@ -7,7 +7,8 @@ switches, the visible devices and the KV side channel's placement.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 from pdsupervisord.engine.cli import ServeArgs, parse_serve_args
 from pdsupervisord.engine.devices import visible_devices
@@ -15,6 +16,7 @@ from pdsupervisord.engine.errors import EngineConfigError
 from pdsupervisord.engine.faults import Faults, parse_faults
 from pdsupervisord.engine.knobs import Knobs, load_knobs
 from pdsupervisord.engine.kvconfig import (
+    ConnectorKind,
     KVTransferConfig,
     SideChannel,
     parse_kv_transfer_config,
@@ -22,6 +24,11 @@ from pdsupervisord.engine.kvconfig import (
 )
 
 __all__ = ["Settings", "load_settings"]
+
+#: vLLM 0.32's NixlConnector frees KV blocks no decoder read after this lease
+#: (``kv_connector_extra_config.kv_lease_duration``); older connectors and
+#: vllm-ascend's wait 120 s, the knob's default.
+NIXL_KV_LEASE_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -66,11 +73,26 @@ def load_settings(argv: Sequence[str], env: Mapping[str, str]) -> Settings:
         kv = parse_kv_transfer_config(args.kv_transfer_config)
         channel = side_channel(kv, env, args.host, args.tensor_parallel_size)
 
+    knobs = load_knobs(env)
+    if kv is not None and kv.kind is ConnectorKind.NIXL:
+        knobs = _nixl_lease(knobs, args.kv_transfer_config or {}, env)
+
     return Settings(
         args=args,
-        knobs=load_knobs(env),
+        knobs=knobs,
         faults=parse_faults(env),
         devices=devices,
         kv=kv,
         side_channel=channel,
     )
+
+
+def _nixl_lease(knobs: Knobs, raw: Mapping[str, Any], env: Mapping[str, str]) -> Knobs:
+    """NIXL's KV lease, unless ``PDSD_ENGINE_KV_TIMEOUT`` says otherwise."""
+    if env.get("PDSD_ENGINE_KV_TIMEOUT", "").strip():
+        return knobs
+    extra = raw.get("kv_connector_extra_config")
+    lease = extra.get("kv_lease_duration") if isinstance(extra, dict) else None
+    if not isinstance(lease, int | float) or isinstance(lease, bool) or lease <= 0:
+        lease = NIXL_KV_LEASE_SECONDS
+    return replace(knobs, kv_timeout=float(lease))
