@@ -24,6 +24,7 @@ from engine_helpers import (
     Engine,
     Launcher,
     free_port,
+    free_port_run,
     gone,
     port_accepts,
     wait_until,
@@ -734,7 +735,7 @@ def test_done_for_another_request_id_leaves_blocks_pinned(
 def test_nixl_engine_serves_kv_on_one_port_per_tensor_parallel_rank(
     launcher: Launcher,
 ) -> None:
-    base = free_port()
+    base = free_port_run(2)  # tp 2: the side channel binds base and base + 1
     config = json.dumps({"kv_connector": "NixlConnector", "kv_role": "kv_both"})
     engine = launcher.start(
         "--tensor-parallel-size",
