@@ -27,7 +27,7 @@ import structlog
 
 from pdsupervisord.states import ExitStatus
 
-__all__ = ["Child", "child_environment", "spawn"]
+__all__ = ["Child", "child_environment", "descendants_of", "spawn"]
 
 #: Seconds a stopped leader's descendants get to exit on their own. A guess
 #: from vLLM 0.32 on CPU, whose resource tracker outlives its API server by
@@ -77,11 +77,17 @@ class Child:
         return ExitStatus.from_returncode(returncode)
 
     def snapshot_descendants(self) -> None:
-        """Remember the leader's current descendants (cheap; call periodically)."""
+        """Remember the leader's current descendants (scans every process)."""
         with contextlib.suppress(psutil.Error):
             for proc in psutil.Process(self.pid).children(recursive=True):
                 with contextlib.suppress(psutil.Error):
                     self.known[proc.pid] = proc.create_time()
+
+    def remember(self, descendants: dict[int, float]) -> bool:
+        """Add descendants found by a shared scan; True when any was new."""
+        new = {p: t for p, t in descendants.items() if self.known.get(p) != t}
+        self.known.update(new)
+        return bool(new)
 
     def signal_group(self, signum: int) -> bool:
         """Send ``signum`` to the whole group; False when the group is gone."""
@@ -108,7 +114,7 @@ class Child:
         # (at most TREE_GRACE) before calling them orphans.
         left = min(TREE_GRACE, max(0.0, grace - (time.monotonic() - started)))
         with anyio.move_on_after(left):
-            while self._survivors():
+            while await anyio.to_thread.run_sync(self._survivors):
                 await anyio.sleep(0.05)
         return await self.reap_group()
 
@@ -118,7 +124,7 @@ class Child:
         Returns:
             Pids of survivors that were killed (empty when the tree was clean).
         """
-        survivors = self._survivors()
+        survivors = await anyio.to_thread.run_sync(self._survivors)
         self.signal_group(signal.SIGKILL)
         for pid in survivors:
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -136,6 +142,12 @@ class Child:
                 proc = psutil.Process(pid)
                 if proc.create_time() == created and proc.status() != "zombie":
                     alive.add(pid)
+        try:
+            os.killpg(self.pid, 0)
+        except ProcessLookupError:
+            return sorted(alive)  # no member left, not even a zombie: skip the scan
+        except PermissionError:
+            pass
         for proc in psutil.process_iter(["pid"]):
             with contextlib.suppress(psutil.Error, ProcessLookupError):
                 if os.getpgid(proc.pid) == self.pid and proc.status() != "zombie":
@@ -146,9 +158,9 @@ class Child:
         """Poll until no process is left in the group (reaping is init's job)."""
         end = time.monotonic() + deadline
         while time.monotonic() < end:
-            if not self._survivors():
+            if not await anyio.to_thread.run_sync(self._survivors):
                 return
-            await anyio.sleep(0.02)
+            await anyio.sleep(0.005)
         log.warning("child.group_not_empty", instance=self.name, pgid=self.pid)
 
 
@@ -188,3 +200,28 @@ async def spawn(
             await process.wait()
             raise
     return Child(name, process, time.monotonic(), time.time())
+
+
+def descendants_of(leaders: dict[str, int]) -> dict[str, dict[int, float]]:
+    """Every descendant (pid -> start time) of each leader, from one scan.
+
+    Blocking (reads /proc once): call it in a worker thread.
+    """
+    children: dict[int, list[tuple[int, float]]] = {}
+    for proc in psutil.process_iter(["pid", "ppid", "create_time"]):
+        info = proc.info
+        if info["ppid"] is not None and info["create_time"] is not None:
+            children.setdefault(info["ppid"], []).append(
+                (info["pid"], info["create_time"])
+            )
+    found: dict[str, dict[int, float]] = {}
+    for name, leader in leaders.items():
+        tree: dict[int, float] = {}
+        stack = [leader]
+        while stack:
+            for pid, created in children.get(stack.pop(), []):
+                if pid not in tree:
+                    tree[pid] = created
+                    stack.append(pid)
+        found[name] = tree
+    return found

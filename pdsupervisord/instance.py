@@ -13,7 +13,6 @@ stays responsive and ``status`` always answers at once.
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -38,11 +37,11 @@ __all__ = ["Hooks", "Instance", "Settings"]
 
 log = structlog.get_logger("pdsupervisord.instance")
 
-#: When to look for new descendants after a spawn, then every TRACK_PERIOD.
-#: vLLM starts EngineCore within a second or two of the API server; the
-#: snapshots feed the state file used to clean up after a daemon crash.
+#: When to look for new descendants after a spawn (then the supervisor's one
+#: shared scan takes over). vLLM starts EngineCore within a second or two of
+#: the API server; the snapshots feed the state file used to clean up after a
+#: daemon crash.
 TRACK_FIRST = (0.3, 1.5, 4.0)
-TRACK_PERIOD = 10.0
 
 
 class Hooks(Protocol):
@@ -555,7 +554,7 @@ class Instance:
     async def _track(self, run: _Run) -> None:
         """Snapshot descendants so that ones leaving the group can be killed."""
         assert run.child is not None
-        for delay in itertools.chain(TRACK_FIRST, itertools.repeat(TRACK_PERIOD)):
+        for delay in TRACK_FIRST:
             await anyio.sleep(delay)
             await anyio.to_thread.run_sync(run.child.snapshot_descendants)
             self._hooks.on_tree(self, run.child)
