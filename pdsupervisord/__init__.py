@@ -24,12 +24,29 @@ __all__ = [
     "load",
 ]
 
-from pdsupervisord.client import AsyncClient, Client, CurveKeys, EventStream
-from pdsupervisord.config import Topology, load
-from pdsupervisord.errors import (
-    ConfigError,
-    ControlError,
-    DaemonUnreachableError,
-    PdsError,
-)
-from pdsupervisord.plan import initial_plan
+_HOMES = {
+    "AsyncClient": "pdsupervisord.client",
+    "Client": "pdsupervisord.client",
+    "CurveKeys": "pdsupervisord.client",
+    "EventStream": "pdsupervisord.client",
+    "Topology": "pdsupervisord.config",
+    "load": "pdsupervisord.config",
+    "ConfigError": "pdsupervisord.errors",
+    "ControlError": "pdsupervisord.errors",
+    "DaemonUnreachableError": "pdsupervisord.errors",
+    "PdsError": "pdsupervisord.errors",
+    "initial_plan": "pdsupervisord.plan",
+}
+
+
+def __getattr__(name: str) -> object:
+    """Import the public names on first use.
+
+    The engine, the proxy and pdsupervisorctl are separate processes that
+    need only parts of the package; eager imports cost them start-up time.
+    """
+    if name in _HOMES:
+        import importlib  # noqa: PLC0415 - lazy on purpose
+
+        return getattr(importlib.import_module(_HOMES[name]), name)
+    raise AttributeError(f"module 'pdsupervisord' has no attribute {name!r}")

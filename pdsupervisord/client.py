@@ -37,7 +37,6 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import zmq
-import zmq.asyncio
 import zmq.auth
 
 from pdsupervisord.errors import ControlError, DaemonUnreachableError
@@ -170,6 +169,8 @@ class AsyncClient(_Requests):
         self, endpoint: str, timeout: float = 10.0, curve: CurveKeys | None = None
     ) -> None:
         super().__init__(endpoint, timeout)
+        import zmq.asyncio  # noqa: PLC0415 - blocking users need not import asyncio
+
         self._ctx = zmq.asyncio.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)

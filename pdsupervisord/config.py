@@ -128,7 +128,7 @@ class ProbeConfig:
     """
 
     timeout: float = 2.0
-    startup_period: float = 0.5
+    startup_period: float = 0.1
     readiness_period: float = 5.0
     readiness_failures: int = 1
     readiness_successes: int = 1

@@ -615,7 +615,8 @@ class Instance:
             self._hooks.on_tree(self, None)
             if run.ready_at is not None:
                 await self._hooks.on_down(self, drain=False)
-            await anyio.sleep(0.05)  # let the pumps write the last lines
+            # The pumps have usually written the dying child's last lines by
+            # now; waiting for them would put a timer on the respawn path.
             run.log_tail = await anyio.to_thread.run_sync(self._last_lines)
         await self._send.send(_Stopped(run.gen, orphans))
 

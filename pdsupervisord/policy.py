@@ -33,10 +33,16 @@ class Decision:
 
 
 def backoff_delay(config: RestartConfig, failures: int) -> float:
-    """Delay before attempt number ``failures`` (1-based) in a failure streak."""
-    if failures <= 0:
+    """Delay before attempt number ``failures`` (1-based) in a failure streak.
+
+    The first failure of a streak restarts at once (react to the exit, not a
+    timer); from the second on the delay is ``backoff_initial`` times
+    ``backoff_factor`` per further failure, capped at ``backoff_max``. A
+    streak ends after ``stable_after`` seconds of healthy running.
+    """
+    if failures <= 1:
         return 0.0
-    delay = config.backoff_initial * config.backoff_factor ** (failures - 1)
+    delay = config.backoff_initial * config.backoff_factor ** (failures - 2)
     return float(min(delay, config.backoff_max))
 
 

@@ -17,9 +17,9 @@ CRASH = ExitStatus(signal=9)
 ZERO = ExitStatus(code=0)
 
 
-def test_backoff_grows_exponentially_and_is_capped() -> None:
+def test_first_failure_restarts_at_once_then_backoff_grows_and_is_capped() -> None:
     config = RestartConfig(backoff_initial=1, backoff_factor=2, backoff_max=5)
-    assert [backoff_delay(config, n) for n in range(1, 6)] == [1, 2, 4, 5, 5]
+    assert [backoff_delay(config, n) for n in range(1, 7)] == [0, 1, 2, 4, 5, 5]
 
 
 def test_always_restarts_a_crash_with_backoff() -> None:
@@ -32,7 +32,7 @@ def test_always_restarts_a_crash_with_backoff() -> None:
         now=100.0,
     )
     assert decision.restart and not decision.fatal
-    assert decision.delay == 4.0 and decision.reason == "crashed"
+    assert decision.delay == 2.0 and decision.reason == "crashed"
 
 
 def test_unrequested_exit_zero_is_a_failure_under_on_failure() -> None:
