@@ -275,6 +275,17 @@ def _cleanup(daemon: Daemon) -> list[int]:
     return leaked
 
 
+@contextlib.contextmanager
+def running(topo: Topo) -> Iterator[Daemon]:
+    """Run a daemon on ``topo``; on exit stop it and fail if it leaked processes."""
+    daemon = start_daemon(topo)
+    try:
+        yield daemon
+    finally:
+        leaked = _cleanup(daemon)
+    assert not leaked, f"processes left behind: {leaked}"
+
+
 @pytest.fixture
 def topo(tmp_path: Path) -> Topo:
     return write_topology(tmp_path)

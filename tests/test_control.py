@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +18,9 @@ import zmq.auth
 from conftest import (
     Daemon,
     Topo,
-    _cleanup,
     free_ports,
     http,
-    start_daemon,
+    running,
     wait_until,
     write_topology,
 )
@@ -34,16 +31,6 @@ from pdsupervisord.client import AsyncClient, Client, CurveKeys, EventStream
 from pdsupervisord.errors import ControlError, DaemonUnreachableError
 
 pytestmark = pytest.mark.timeout(180)
-
-
-@contextlib.contextmanager
-def running(topo: Topo) -> Iterator[Daemon]:
-    daemon = start_daemon(topo)
-    try:
-        yield daemon
-    finally:
-        leaked = _cleanup(daemon)
-    assert not leaked, f"processes left behind: {leaked}"
 
 
 def pids(topo: Topo) -> dict[str, tuple[str, int | None]]:

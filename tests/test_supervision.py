@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
@@ -12,7 +11,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ from conftest import (
     _cleanup,
     group_members,
     http,
+    running,
     start_daemon,
     wait_until,
     write_topology,
@@ -32,16 +31,6 @@ from conftest import (
 from pdsupervisord.errors import ControlError
 
 pytestmark = pytest.mark.timeout(150)
-
-
-@contextlib.contextmanager
-def running(topo: Topo) -> Iterator[Daemon]:
-    daemon = start_daemon(topo)
-    try:
-        yield daemon
-    finally:
-        leaked = _cleanup(daemon)
-    assert not leaked, f"processes left behind: {leaked}"
 
 
 def state_of(topo: Topo, name: str) -> dict[str, Any]:
