@@ -20,6 +20,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "RESULTS",
@@ -202,6 +203,22 @@ def verdict(target: str, ours: str, ok: bool) -> str:
     """One bullet for a target of the issue: what it is, what we got, met or not."""
     mark = "**met**" if ok else "**missed**"
     return f"- Target: {target} — {ours}: {mark}"
+
+
+def overhead_verdicts(runs: Sequence[Any], limit: float) -> str:
+    """One target bullet per configuration: p50 of its ``overhead`` figures
+    (seconds) under ``limit``. ``runs`` have ``label`` and ``figures``."""
+    lines = []
+    for run in runs:
+        p50 = summarize(run.figures["overhead"]).p50
+        lines.append(
+            verdict(
+                f"overhead p50 under {limit:.1f} s ({run.label})",
+                f"{fmt_ms(p50, 0)} ms",
+                p50 < limit,
+            )
+        )
+    return "\n".join(lines)
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

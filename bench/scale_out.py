@@ -35,9 +35,9 @@ from report import (
     fmt_ms,
     load_average,
     markdown_table,
+    overhead_verdicts,
     pin_self,
     summarize,
-    verdict,
     write_section,
 )
 from supervisors import Ours
@@ -226,14 +226,7 @@ def main() -> None:
             " p50s of pieces need not add up to the p50 of the sum.",
         ]
     )
-    body += "\n\n" + "\n".join(
-        verdict(
-            f"overhead p50 under 0.5 s ({c.label})",
-            f"{fmt_ms(summarize(c.figures['overhead']).p50, 0)} ms",
-            summarize(c.figures["overhead"]).p50 < 0.5,
-        )
-        for c in setups
-    )
+    body += "\n\n" + overhead_verdicts(setups, 0.5)
     write_section("scale_out", "4. Scale-out", body)
 
 

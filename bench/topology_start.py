@@ -32,9 +32,9 @@ from report import (
     fmt_ms,
     load_average,
     markdown_table,
+    overhead_verdicts,
     pin_self,
     summarize,
-    verdict,
     write_section,
 )
 from supervisors import Ours
@@ -187,14 +187,7 @@ def main() -> None:
             " p50s of pieces need not add up to the p50 of the sum.",
         ]
     )
-    body += "\n\n" + "\n".join(
-        verdict(
-            f"overhead p50 under 1.0 s ({c.label})",
-            f"{fmt_ms(summarize(c.figures['overhead']).p50, 0)} ms",
-            summarize(c.figures["overhead"]).p50 < 1.0,
-        )
-        for c in configs
-    )
+    body += "\n\n" + overhead_verdicts(configs, 1.0)
     write_section("topology_start", "5. Topology start", body)
 
 
